@@ -1,0 +1,19 @@
+"""ComfyUI-facing code: one module per mechanism, thin over ``kernels``."""
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .cameras import OrbitCameras, PreviewCameras
+
+NODES: list[type[io.ComfyNode]] = [
+    OrbitCameras,
+    PreviewCameras,
+]
+
+
+class Compose3DExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

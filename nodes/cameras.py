@@ -1,0 +1,83 @@
+"""Camera rig nodes: build a ring of cameras, and look at one."""
+from __future__ import annotations
+
+import json
+
+from comfy_api.latest import io, ui
+
+from ..kernels.cameras import MAX_VIEWS, orbit_cameras
+from ..kernels.rig_preview import draw_rig
+from .types import CATEGORY, CamerasType
+
+
+class OrbitCameras(io.ComfyNode):
+    """N cameras on a circle around the object, all looking at its centre (MVDream's camera layout)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Compose3D_OrbitCameras",
+            display_name="Orbit Cameras",
+            category=f"{CATEGORY}/cameras",
+            description="A ring of cameras around the origin looking at it. Camera i sits at azimuth "
+                        "start + span * i / views. Holds camera-to-world matrices, intrinsics and the "
+                        "MVDream camera vectors.",
+            inputs=[
+                io.Int.Input("views", default=4, min=1, max=MAX_VIEWS,
+                             tooltip="Number of cameras. MVDream generates 4 views."),
+                io.Float.Input("elevation", default=15.0, min=-89.9, max=89.9, step=0.1,
+                               tooltip="Degrees above the ground plane (MVDream's default is 15)."),
+                io.Float.Input("azimuth_start", default=0.0, min=-360.0, max=360.0, step=0.1,
+                               tooltip="Azimuth of the first camera in degrees; 0 looks at the front (+z)."),
+                io.Float.Input("azimuth_span", default=360.0, min=-360.0, max=360.0, step=0.1,
+                               tooltip="Degrees covered by the ring; 360 spaces the views evenly all around."),
+                io.Float.Input("distance", default=2.0, min=0.01, max=100.0, step=0.01,
+                               tooltip="Distance of the cameras from the centre, in scene units."),
+                io.Float.Input("fov", default=40.0, min=1.0, max=179.0, step=0.1,
+                               tooltip="Vertical field of view in degrees."),
+            ],
+            outputs=[CamerasType.Output(display_name="cameras")],
+        )
+
+    @classmethod
+    def execute(cls, views: int, elevation: float, azimuth_start: float, azimuth_span: float,
+                distance: float, fov: float) -> io.NodeOutput:
+        cameras = orbit_cameras(views=views, elevation=elevation, azimuth_start=azimuth_start,
+                                azimuth_span=azimuth_span, distance=distance, fov=fov)
+        return io.NodeOutput(cameras)
+
+
+def cameras_summary(cameras) -> dict:
+    """JSON-ready description of a camera rig (what PreviewCameras shows as text)."""
+    return {
+        "views": len(cameras),
+        "elevation_deg": [round(v, 6) for v in cameras.elevation_deg.tolist()],
+        "azimuth_deg": [round(v, 6) for v in cameras.azimuth_deg.tolist()],
+        "fov_y_deg": [round(v * 180.0 / 3.141592653589793, 6) for v in cameras.fov_y.tolist()],
+        "c2w": [[round(x, 7) for x in m] for m in cameras.c2w.reshape(-1, 16).tolist()],
+        "mvdream": [[round(x, 7) for x in m] for m in cameras.mvdream.tolist()],
+    }
+
+
+class PreviewCameras(io.ComfyNode):
+    """Shows a camera rig: a top and a front view of where each camera is and where it looks."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Compose3D_PreviewCameras",
+            display_name="Preview Cameras",
+            category=f"{CATEGORY}/cameras",
+            description="Draws the cameras seen from above and from the front (camera 0 in red) and "
+                        "reports their matrices as JSON text.",
+            inputs=[CamerasType.Input("cameras", tooltip="Cameras to show.")],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, cameras) -> io.NodeOutput:
+        picture = draw_rig(cameras.c2w).unsqueeze(0)
+        shown = ui.PreviewImage(picture, cls=cls).as_dict()
+        shown["text"] = (json.dumps(cameras_summary(cameras)),)
+        return io.NodeOutput(ui=shown)

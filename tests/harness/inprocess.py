@@ -1,0 +1,56 @@
+"""ComfyUI imported into the test process: call a node's ``execute`` the way ComfyUI's executor does.
+
+``init_comfy`` must run before anything imports ``comfy.model_management`` (it selects the CPU unless
+``COMPOSE3D_TEST_DEVICE=auto``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .paths import add_comfyui_to_sys_path, register_pack
+
+_initialised = False
+
+
+def init_comfy() -> None:
+    global _initialised
+    if _initialised:
+        return
+    add_comfyui_to_sys_path()
+    import comfy.cli_args
+
+    if os.environ.get("COMPOSE3D_TEST_DEVICE", "cpu") == "cpu":
+        comfy.cli_args.args.cpu = True
+    register_pack()
+    _initialised = True
+
+
+def use_folders(models: Path, output: Path, temp: Path, inputs: Path) -> None:
+    """Point ComfyUI's folder_paths at test folders (models are registered like extra_model_paths)."""
+    init_comfy()
+    import folder_paths
+
+    for kind in ("checkpoints", "diffusion_models", "vae", "text_encoders", "loras", "clip_vision"):
+        (models / kind).mkdir(parents=True, exist_ok=True)
+        folder_paths.add_model_folder_path(kind, str(models / kind), is_default=True)
+    for d in (output, temp, inputs):
+        d.mkdir(parents=True, exist_ok=True)
+    folder_paths.set_output_directory(str(output))
+    folder_paths.set_temp_directory(str(temp))
+    folder_paths.set_input_directory(str(inputs))
+
+
+def run_node(node_cls, *, hidden: dict | None = None, **inputs: Any):
+    """Run ``node_cls.execute(**inputs)`` as ComfyUI's executor does (class clone, inference mode).
+
+    Returns the ``io.NodeOutput``.
+    """
+    init_comfy()
+    node_cls.VALIDATE_CLASS()
+    clone = node_cls.PREPARE_CLASS_CLONE(hidden or {})
+    with torch.inference_mode():
+        return node_cls.execute.__func__(clone, **inputs)

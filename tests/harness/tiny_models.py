@@ -1,0 +1,162 @@
+"""Tiny random-weight models in the real checkpoint formats, written as safetensors for the real loaders.
+
+The architectures are instantiated from ComfyUI's own model classes (whose state-dict layout is the released
+checkpoints' layout), with tiny depths, then filled with seeded random numbers so every build is identical.
+Nothing here is an oracle: these are fixtures that the real loaders must accept.
+
+Why the SD UNets are 320 channels wide: ComfyUI recognises SD1.x/SD2.x UNets by ``model_channels == 320``
+(``comfy/supported_models.py``), so narrower ones would not load through the real loaders. They are kept small
+instead by having one resolution level, no middle block and a single transformer block.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .inprocess import init_comfy
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+
+
+def fill_seeded(state_dict: dict[str, torch.Tensor], seed: int, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """Replace every tensor with seeded random values (keys visited in sorted order).
+
+    Matrices/convolutions: N(0, 1/fan_in); 1-D ``*weight`` (norm scales): 1 + N(0, 0.1^2); the rest: N(0, 0.02^2).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        if not t.is_floating_point():
+            out[key] = t.clone()
+            continue
+        noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+        if t.ndim >= 2:
+            value = noise / (t[0].numel() ** 0.5)
+        elif key.endswith("weight"):
+            value = 1.0 + 0.1 * noise
+        else:
+            value = 0.02 * noise
+        out[key] = value.to(dtype).contiguous()
+    return out
+
+
+def _module_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in module.state_dict().items()}
+
+
+def taesd_state_dict(latent_channels: int, seed: int) -> dict[str, torch.Tensor]:
+    """A TAESD autoencoder (ComfyUI's tiny VAE format, keys ``taesd_encoder.*``/``taesd_decoder.*``)."""
+    init_comfy()
+    import comfy.taesd.taesd
+
+    with torch.device("meta"):
+        vae = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in vae.state_dict().items()}
+    sd = fill_seeded(sd, seed)
+    sd["vae_scale"] = torch.tensor(1.0, dtype=torch.float16)
+    sd["vae_shift"] = torch.tensor(0.0, dtype=torch.float16)
+    return sd
+
+
+def sd_unet_state_dict(*, context_dim: int, use_linear_in_transformer: bool, num_heads: int = -1,
+                       num_head_channels: int = -1, seed: int) -> dict[str, torch.Tensor]:
+    """An SD1.x/2.x UNet (LDM key layout), one level: conv_in, res-block + transformer, two output res-blocks.
+
+    No middle block and no output transformers: the smallest UNet ComfyUI still detects (about 13 M parameters).
+    """
+    init_comfy()
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with torch.device("meta"):
+        unet = UNetModel(
+            image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+            channel_mult=[1], transformer_depth=[1], transformer_depth_output=[0, 0],
+            transformer_depth_middle=-2, context_dim=context_dim, use_spatial_transformer=True,
+            use_linear_in_transformer=use_linear_in_transformer, num_heads=num_heads,
+            num_head_channels=num_head_channels, legacy=False, operations=comfy.ops.disable_weight_init)
+    sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in unet.state_dict().items()}
+    return fill_seeded(sd, seed)
+
+
+def mmdit_state_dict(*, depth: int, seed: int, pos_embed_max_size: int = 16) -> dict[str, torch.Tensor]:
+    """An SD3 MMDiT (hidden size 64 * depth, ``depth`` joint blocks) in the SD3 key layout."""
+    init_comfy()
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+    hidden = 64 * depth
+    with torch.device("meta"):
+        dit = MMDiT(input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=depth,
+                    adm_in_channels=2048,
+                    context_embedder_config={"target": "torch.nn.Linear",
+                                             "params": {"in_features": 4096, "out_features": hidden}},
+                    pos_embed_max_size=pos_embed_max_size, num_patches=pos_embed_max_size ** 2,
+                    operations=comfy.ops.disable_weight_init)
+    sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in dit.state_dict().items()}
+    return fill_seeded(sd, seed)
+
+
+def mvdream_camera_embed_state_dict(time_embed_dim: int, seed: int) -> dict[str, torch.Tensor]:
+    """MVDream's ``camera_embed``: Linear(16, D), SiLU, Linear(D, D), D = time-embedding width."""
+    sd = {"camera_embed.0.weight": torch.empty(time_embed_dim, 16),
+          "camera_embed.0.bias": torch.empty(time_embed_dim),
+          "camera_embed.2.weight": torch.empty(time_embed_dim, time_embed_dim),
+          "camera_embed.2.bias": torch.empty(time_embed_dim)}
+    return fill_seeded(sd, seed)
+
+
+def prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """File names (relative to their model folder) of the tiny models of one test session."""
+
+    root: Path
+    sd15_checkpoint: str = "tiny_sd15.safetensors"
+    sd3_checkpoint: str = "tiny_sd3.safetensors"
+    sd3_diffusion_model: str = "tiny_sd3_mmdit.safetensors"
+    mvdream_checkpoint: str = "tiny_mvdream_sd21.safetensors"
+
+    def path(self, folder: str, name: str) -> Path:
+        return self.root / folder / name
+
+
+def build_tiny_models(models_root: Path) -> TinyModels:
+    """Write every tiny model into ``models_root/<folder>/`` (checkpoints, diffusion_models)."""
+    tm = TinyModels(models_root)
+    (models_root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (models_root / "diffusion_models").mkdir(parents=True, exist_ok=True)
+
+    sd15 = prefixed(UNET_PREFIX, sd_unet_state_dict(context_dim=768, use_linear_in_transformer=False,
+                                                    num_heads=8, seed=15))
+    sd15.update(prefixed(VAE_PREFIX, taesd_state_dict(4, seed=1504)))
+    save_file(sd15, tm.path("checkpoints", tm.sd15_checkpoint), metadata={"compose3d": "tiny sd15 test model"})
+
+    mmdit = mmdit_state_dict(depth=2, seed=3)
+    save_file(mmdit, tm.path("diffusion_models", tm.sd3_diffusion_model), metadata={"compose3d": "tiny sd3"})
+    sd3 = prefixed(UNET_PREFIX, mmdit)
+    sd3.update(prefixed(VAE_PREFIX, taesd_state_dict(16, seed=3016)))
+    save_file(sd3, tm.path("checkpoints", tm.sd3_checkpoint), metadata={"compose3d": "tiny sd3 test model"})
+
+    # MVDream's released checkpoints: an SD2.1-base UNet (context 1024, linear proj, 64-channel heads) with
+    # camera_embed under model.diffusion_model., plus first_stage_model (here in TAESD form).
+    unet = sd_unet_state_dict(context_dim=1024, use_linear_in_transformer=True, num_head_channels=64, seed=21)
+    time_embed_dim = unet["time_embed.0.weight"].shape[0]
+    unet.update(mvdream_camera_embed_state_dict(time_embed_dim, seed=2116))
+    mv = prefixed(UNET_PREFIX, unet)
+    mv.update(prefixed(VAE_PREFIX, taesd_state_dict(4, seed=2104)))
+    save_file(mv, tm.path("checkpoints", tm.mvdream_checkpoint), metadata={"compose3d": "tiny mvdream test model"})
+    return tm
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
