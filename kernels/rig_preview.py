@@ -17,8 +17,11 @@ TEXT = (220, 220, 220)
 
 
 def _panel(points: Tensor, directions: Tensor, axes: tuple[int, int], flip: tuple[bool, bool], title: str,
-           extent: float) -> Image.Image:
-    """Draw camera centres ``points`` (N,3) with view ``directions`` (N,3) projected on two world axes."""
+           extent: float, towards_viewer: int) -> Image.Image:
+    """Draw camera centres ``points`` (N,3) with view ``directions`` (N,3) projected on two world axes.
+
+    Cameras are drawn back to front along world axis ``towards_viewer`` so the nearest stays visible.
+    """
     img = Image.new("RGB", (PANEL, PANEL), BACKGROUND)
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
@@ -31,7 +34,7 @@ def _panel(points: Tensor, directions: Tensor, axes: tuple[int, int], flip: tupl
 
     draw.line([(half, 8), (half, PANEL - 8)], fill=AXIS)
     draw.line([(8, half), (PANEL - 8, half)], fill=AXIS)
-    for i in range(points.shape[0]):
+    for i in torch.argsort(points[:, towards_viewer], stable=True).tolist():
         colour = FIRST if i == 0 else OTHER
         x, y = to_px(points[i])
         tip = to_px(points[i] + directions[i] * 0.25 * extent)
@@ -54,9 +57,9 @@ def draw_rig(c2w: Tensor) -> Tensor:
     forward = -c2w[:, :3, 2]
     extent = max(float(points.abs().max()), 1e-6) * 1.15
     top = _panel(points, forward, axes=(0, 2), flip=(False, False), title="top (x right, +z down)",
-                 extent=extent)
+                 extent=extent, towards_viewer=1)
     front = _panel(points, forward, axes=(0, 1), flip=(False, True), title="front (x right, y up)",
-                   extent=extent)
+                   extent=extent, towards_viewer=2)
     canvas = Image.new("RGB", (2 * PANEL, PANEL))
     canvas.paste(top, (0, 0))
     canvas.paste(front, (PANEL, 0))

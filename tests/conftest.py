@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 
 from harness.inprocess import init_comfy, use_folders
-from harness.paths import PACK_ROOT
-from harness.server import ComfyServer
+from harness.paths import PACK_ROOT, comfyui_root, python_for_server
 from harness.tiny_models import TinyModels, build_tiny_models
 
 init_comfy()
+
+from headless import ComfyServer  # noqa: E402  (scripts/ is put on sys.path by init_comfy)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -38,7 +39,8 @@ def comfy_inprocess(tmp_path_factory, tiny_models):
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny_models):
     """A real ComfyUI server on a free loopback port, with this pack and the tiny models; stopped at the end."""
-    server = ComfyServer(base=tmp_path_factory.mktemp("comfy-base"), models=tiny_models.root, pack_root=PACK_ROOT)
+    server = ComfyServer(comfyui=comfyui_root(), base=tmp_path_factory.mktemp("comfy-base"),
+                         models=tiny_models.root, pack_root=PACK_ROOT, python=python_for_server())
     server.start()
     try:
         yield server

@@ -21,9 +21,11 @@ def comfyui_root() -> Path:
 
 
 def add_comfyui_to_sys_path() -> Path:
+    """Put ComfyUI's tree (``comfy``, ``folder_paths``...) and the pack's ``scripts/`` on ``sys.path``."""
     root = comfyui_root()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    for path in (str(PACK_ROOT / "scripts"), str(root)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
     return root
 
 

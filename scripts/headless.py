@@ -1,4 +1,7 @@
-"""A real ComfyUI server, headless on a free loopback port, and a small client for its HTTP/websocket API."""
+"""A real ComfyUI server, headless on a free loopback port, and a small client for its HTTP/websocket API.
+
+Used by the demo (scripts/demo.py) and by the tests (tests/conftest.py).
+"""
 from __future__ import annotations
 
 import json
@@ -15,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import websocket
-
-from .paths import comfyui_root, python_for_server
 
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "vae", "text_encoders", "loras", "clip_vision")
 
@@ -69,9 +70,23 @@ def write_extra_model_paths(models: Path, config: Path) -> None:
 
 
 class ComfyServer:
-    """Starts ``main.py --cpu`` with its own base directory and a registered models folder."""
+    """Starts ComfyUI's ``main.py`` with its own base directory and a registered models folder.
 
-    def __init__(self, base: Path, models: Path, pack_root: Path, extra_args: tuple[str, ...] = ()):
+    Args:
+        comfyui: the ComfyUI tree (holds main.py).
+        base: base directory (custom_nodes/, input/, output/, temp/, user/ are made in it; the pack is linked
+            into custom_nodes/).
+        models: models folder registered through ``--extra-model-paths-config``.
+        pack_root: this pack's folder.
+        python: interpreter that runs ComfyUI.
+        extra_args: more ComfyUI arguments (``--cpu`` is passed unless ``cpu=False``).
+    """
+
+    def __init__(self, comfyui: Path, base: Path, models: Path, pack_root: Path, python: str,
+                 extra_args: tuple[str, ...] = (), cpu: bool = True):
+        self.comfyui = comfyui
+        self.python = python
+        self.cpu = cpu
         self.base = base
         self.models = models
         self.pack_root = pack_root
@@ -92,12 +107,13 @@ class ComfyServer:
         config = self.base / "extra_model_paths.yaml"
         write_extra_model_paths(self.models, config)
         self.port = free_port()
-        cmd = [python_for_server(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base),
-               "--extra-model-paths-config", str(config), *self.extra_args]
+               "--extra-model-paths-config", str(config),
+               "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}", *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=comfyui_root(), stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -192,8 +208,9 @@ class ComfyServer:
             messages: list[dict] = []
             previews = 0
             status = None
+            finished = False  # ComfyUI sends "executing" with node None once the history entry is written
             deadline = time.monotonic() + timeout
-            while status is None:
+            while not finished:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"prompt {prompt_id} still running after {timeout:.0f} s; "
                                        f"messages so far: {[m['type'] for m in messages]}")
@@ -216,7 +233,11 @@ class ComfyServer:
                     status = "interrupted"
                 elif kind == "execution_success":
                     status = "success"
+                elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                    finished = True
         finally:
             ws.close()
         history = self.get_json(f"/history/{prompt_id}").get(prompt_id, {})
+        if status is None:  # e.g. every output was cached: no success message, the history says
+            status = "success" if history.get("status", {}).get("completed") else "error"
         return RunResult(prompt_id, status, history.get("outputs", {}), messages, previews, history)

@@ -1,0 +1,77 @@
+"""The main job: run an example workflow headless in a real ComfyUI through its HTTP API, print the results.
+
+Usage: python scripts/demo.py [--workflow example_workflows/<name>.json] [--dir demo_run]
+
+Starts ComfyUI (``COMFYUI_PATH`` or the tree scripts/get_comfyui.py unpacks) with its own base directory,
+queues the workflow, follows it on the websocket, and prints where every output file went.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from get_comfyui import default_cache, ensure_comfyui  # noqa: E402
+from headless import ComfyServer  # noqa: E402
+from workflow_api import ui_to_api  # noqa: E402
+
+DEFAULT_WORKFLOW = ROOT / "example_workflows" / "compose3d_camera_rig.json"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW, help="UI-format workflow to run")
+    parser.add_argument("--dir", type=Path, default=ROOT / "demo_run",
+                        help="ComfyUI base directory for the run (output/ ends up in it)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the workflow")
+    args = parser.parse_args()
+
+    comfyui = ensure_comfyui(default_cache())
+    base = args.dir.resolve()
+    server = ComfyServer(comfyui=comfyui, base=base, models=base / "models", pack_root=ROOT,
+                         python=sys.executable)
+    print(f"[demo] starting ComfyUI from {comfyui} (log: {server.log_path})", flush=True)
+    server.start()
+    try:
+        workflow = json.loads(args.workflow.read_text())
+        prompt = ui_to_api(workflow, server.get_json("/object_info"))
+        print(f"[demo] queueing {args.workflow.name} ({len(prompt)} nodes)", flush=True)
+
+        def report(msg, _server):
+            if msg["type"] == "progress":
+                d = msg["data"]
+                print(f"[demo]   node {d['node']}: {d['value']}/{d['max']}", flush=True)
+
+        result = server.run(prompt, timeout=args.timeout, on_message=report)
+        if result.status != "success":
+            print(f"[demo] workflow ended with {result.status}: {json.dumps(result.error, indent=1)}")
+            return 1
+        print("[demo] done. Outputs:")
+        saved = base / "output" / "demo"
+        saved.mkdir(parents=True, exist_ok=True)
+        for node_id, shown in result.outputs.items():
+            kind = prompt[node_id]["class_type"]
+            for item in shown.get("images", []) + shown.get("3d", []):
+                folder = {"output": "output", "temp": "temp", "input": "input"}[item.get("type", "output")]
+                src = base / folder / item.get("subfolder", "") / item["filename"]
+                dst = src if folder == "output" else saved / f"{kind}_{node_id}_{item['filename']}"
+                if dst != src:
+                    shutil.copy2(src, dst)
+                print(f"  {kind} (node {node_id}): {dst}")
+            for i, text in enumerate(shown.get("text", [])):
+                dst = saved / f"{kind}_{node_id}_{i}.json"
+                dst.write_text(text if isinstance(text, str) else json.dumps(text))
+                print(f"  {kind} (node {node_id}) text: {dst}")
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

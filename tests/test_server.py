@@ -1,0 +1,121 @@
+"""The pack inside a real ComfyUI server, driven over HTTP and the websocket like a user's client."""
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_execution.graph_utils import GraphBuilder
+from compose3d.nodes import NODES
+from harness.paths import PACK_ROOT
+from headless import PromptRejected
+from workflow_api import ui_to_api
+from oracles import mvdream_get_camera, orbit_c2w
+
+pytestmark = pytest.mark.server
+
+ORBIT_DEFAULTS = dict(views=4, elevation=15.0, azimuth_start=0.0, azimuth_span=360.0, distance=2.0, fov=40.0)
+
+
+def camera_prompt(**overrides) -> tuple[dict, str]:
+    g = GraphBuilder(prefix="")
+    rig = g.node("Compose3D_OrbitCameras", **{**ORBIT_DEFAULTS, **overrides})
+    preview = g.node("Compose3D_PreviewCameras", cameras=rig.out(0))
+    return g.finalize(), preview.id
+
+
+def test_pack_loads_without_import_failure(comfy_server):
+    log = comfy_server.log_text()
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and "compose3d" in line]
+    assert failed == []
+    assert re.search(r"\d+\.\d+ seconds: \S*custom_nodes/compose3d", log), "ComfyUI did not report loading the pack"
+
+
+def test_object_info_lists_every_node_from_the_pack(comfy_server):
+    info = comfy_server.get_json("/object_info")
+    ours = {name: v for name, v in info.items() if name.startswith("Compose3D_")}
+    expected = {node.GET_SCHEMA().node_id for node in NODES}
+    assert set(ours) == expected
+    assert {v["python_module"] for v in ours.values()} == {"custom_nodes.compose3d"}
+    assert ours["Compose3D_OrbitCameras"]["output"] == ["C3D_CAMERAS"]
+    assert ours["Compose3D_OrbitCameras"]["category"] == "Compose3D/cameras"
+
+
+def test_orbit_cameras_over_http_gives_the_official_rig(comfy_server):
+    prompt, preview_id = camera_prompt(views=6, elevation=25.0, azimuth_start=30.0, distance=1.5)
+    result = comfy_server.run(prompt)
+    assert result.status == "success", result.error
+    shown = result.outputs[preview_id]
+    summary = json.loads(shown["text"][0])
+    np.testing.assert_allclose(summary["mvdream"], mvdream_get_camera(6, 25.0, 30.0, 360.0), atol=1e-6)
+    np.testing.assert_allclose(np.array(summary["c2w"]).reshape(-1, 4, 4),
+                               orbit_c2w(6, 25.0, 30.0, 360.0, 1.5), atol=1e-5)
+    assert summary["fov_y_deg"] == pytest.approx([40.0] * 6)
+    (image,) = shown["images"]
+    png = comfy_server.get_bytes(f"/view?filename={image['filename']}&subfolder={image['subfolder']}"
+                                 f"&type={image['type']}")
+    assert Image.open(io.BytesIO(png)).size == (512, 256)
+
+
+@pytest.mark.parametrize("field,value,error_type", [
+    ("views", 0, "value_smaller_than_min"),
+    ("elevation", 95.0, "value_bigger_than_max"),
+    ("distance", float("inf"), "value_bigger_than_max"),
+    ("fov", -float("inf"), "value_smaller_than_min"),
+])
+def test_out_of_range_camera_input_is_rejected_naming_it(comfy_server, field, value, error_type):
+    prompt, _ = camera_prompt(**{field: value})
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_server.queue(prompt)
+    (node_error,) = rejected.value.node_errors.values()
+    assert [(e["type"], e["extra_info"]["input_name"]) for e in node_error["errors"]] == [(error_type, field)]
+
+
+def test_nan_camera_input_fails_with_an_error_naming_it(comfy_server):
+    prompt, _ = camera_prompt(azimuth_span=float("nan"))
+    result = comfy_server.run(prompt)
+    assert result.status == "error"
+    assert result.error["node_type"] == "Compose3D_OrbitCameras"
+    assert result.error["exception_message"].startswith("azimuth_span: expected a finite number")
+
+
+def test_wrong_link_type_is_refused_and_the_server_keeps_serving(comfy_server):
+    g = GraphBuilder(prefix="")
+    rig = g.node("Compose3D_OrbitCameras", **ORBIT_DEFAULTS)
+    g.node("PreviewImage", images=rig.out(0))  # C3D_CAMERAS into an IMAGE input
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_server.queue(g.finalize())
+    errors = [e for node in rejected.value.node_errors.values() for e in node["errors"]]
+    assert [e["type"] for e in errors] == ["return_type_mismatch"]
+    assert "C3D_CAMERAS" in errors[0]["details"]
+    prompt, preview_id = camera_prompt(views=2)
+    result = comfy_server.run(prompt)
+    assert result.status == "success"
+    assert json.loads(result.outputs[preview_id]["text"][0])["views"] == 2
+    assert comfy_server.alive()
+
+
+def example_workflows() -> list[Path]:
+    return sorted((PACK_ROOT / "example_workflows").glob("*.json"))
+
+
+def test_example_workflows_are_served_as_templates_with_thumbnails(comfy_server):
+    templates = comfy_server.get_json("/api/workflow_templates")
+    assert sorted(templates["compose3d"]) == sorted(p.stem for p in example_workflows())
+    for path in example_workflows():
+        served = comfy_server.get_json(f"/api/workflow_templates/compose3d/{path.name}")
+        assert served == json.loads(path.read_text())
+        assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
+
+
+@pytest.mark.parametrize("path", example_workflows(), ids=lambda p: p.stem)
+def test_example_workflow_runs_over_http(comfy_server, path):
+    prompt = ui_to_api(json.loads(path.read_text()), comfy_server.get_json("/object_info"))
+    result = comfy_server.run(prompt)
+    assert result.status == "success", result.error
+    assert result.outputs, "the workflow shows nothing"
