@@ -119,3 +119,11 @@ def test_example_workflow_runs_over_http(comfy_server, path):
     result = comfy_server.run(prompt)
     assert result.status == "success", result.error
     assert result.outputs, "the workflow shows nothing"
+
+
+def test_frontend_extension_is_served(comfy_server):
+    scripts = comfy_server.get_json("/extensions")
+    ours = [s for s in scripts if s.startswith("/extensions/compose3d/")]
+    assert ours == ["/extensions/compose3d/compose3d.js"]
+    source = comfy_server.get_bytes(ours[0]).decode()
+    assert source == (PACK_ROOT / "web" / "compose3d.js").read_text()
