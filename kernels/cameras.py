@@ -187,3 +187,10 @@ def orbit_cameras(views: int = 4, elevation: float = 15.0, azimuth_start: float 
         elevation_deg=elev.float(),
         azimuth_deg=azimuth.float(),
     )
+
+
+def concat_cameras(*rigs: Cameras) -> Cameras:
+    """One rig holding the cameras of ``rigs`` in order."""
+    if not rigs:
+        raise ValueError("cameras: nothing to combine")
+    return Cameras(*(torch.cat([getattr(r, f).cpu() for r in rigs]) for f in Cameras.__dataclass_fields__))

@@ -5,11 +5,19 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from .cameras import OrbitCameras, PreviewCameras
+from .cameras import CombineCameras, OrbitCameras, PreviewCameras
+from .mesh import ExportMesh
+from .nerf import NeRFFromViews, RenderNeRF
+from .test_object import TestObjectViews
 
 NODES: list[type[io.ComfyNode]] = [
     OrbitCameras,
+    CombineCameras,
     PreviewCameras,
+    TestObjectViews,
+    NeRFFromViews,
+    RenderNeRF,
+    ExportMesh,
 ]
 
 

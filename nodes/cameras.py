@@ -5,7 +5,7 @@ import json
 
 from comfy_api.latest import io, ui
 
-from ..kernels.cameras import MAX_VIEWS, orbit_cameras
+from ..kernels.cameras import MAX_VIEWS, concat_cameras, orbit_cameras
 from ..kernels.rig_preview import draw_rig
 from .types import CATEGORY, CamerasType
 
@@ -45,6 +45,25 @@ class OrbitCameras(io.ComfyNode):
         cameras = orbit_cameras(views=views, elevation=elevation, azimuth_start=azimuth_start,
                                 azimuth_span=azimuth_span, distance=distance, fov=fov)
         return io.NodeOutput(cameras)
+
+
+class CombineCameras(io.ComfyNode):
+    """Two rigs as one (e.g. rings at two elevations for better coverage)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Compose3D_CombineCameras",
+            display_name="Combine Cameras",
+            category=f"{CATEGORY}/cameras",
+            description="The cameras of 'first' followed by those of 'second'.",
+            inputs=[CamerasType.Input("first"), CamerasType.Input("second")],
+            outputs=[CamerasType.Output(display_name="cameras")],
+        )
+
+    @classmethod
+    def execute(cls, first, second) -> io.NodeOutput:
+        return io.NodeOutput(concat_cameras(first, second))
 
 
 def cameras_summary(cameras) -> dict:

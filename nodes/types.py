@@ -7,3 +7,6 @@ CATEGORY = "Compose3D"
 
 #: :class:`kernels.cameras.Cameras`
 CamerasType = io.Custom("C3D_CAMERAS")
+
+#: :class:`kernels.nerf.NeRF`
+NeRFType = io.Custom("C3D_NERF")

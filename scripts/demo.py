@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from get_comfyui import default_cache, ensure_comfyui  # noqa: E402
 from headless import ComfyServer  # noqa: E402
 from workflow_api import ui_to_api  # noqa: E402
 
-DEFAULT_WORKFLOW = ROOT / "example_workflows" / "compose3d_camera_rig.json"
+DEFAULT_WORKFLOW = ROOT / "example_workflows" / "compose3d_reconstruct_toy.json"
 
 
 def main() -> int:
@@ -52,22 +51,20 @@ def main() -> int:
         if result.status != "success":
             print(f"[demo] workflow ended with {result.status}: {json.dumps(result.error, indent=1)}")
             return 1
-        print("[demo] done. Outputs:")
-        saved = base / "output" / "demo"
-        saved.mkdir(parents=True, exist_ok=True)
+        print("[demo] done. Files written:")
+        previews = 0
         for node_id, shown in result.outputs.items():
             kind = prompt[node_id]["class_type"]
             for item in shown.get("images", []) + shown.get("3d", []):
-                folder = {"output": "output", "temp": "temp", "input": "input"}[item.get("type", "output")]
-                src = base / folder / item.get("subfolder", "") / item["filename"]
-                dst = src if folder == "output" else saved / f"{kind}_{node_id}_{item['filename']}"
-                if dst != src:
-                    shutil.copy2(src, dst)
-                print(f"  {kind} (node {node_id}): {dst}")
-            for i, text in enumerate(shown.get("text", [])):
-                dst = saved / f"{kind}_{node_id}_{i}.json"
-                dst.write_text(text if isinstance(text, str) else json.dumps(text))
-                print(f"  {kind} (node {node_id}) text: {dst}")
+                if item.get("type") != "output":
+                    previews += 1
+                    continue
+                print(f"  {kind} (node {node_id}): {base / 'output' / item.get('subfolder', '') / item['filename']}")
+            for text in shown.get("text", []):
+                print(f"  {kind} (node {node_id}) says: {text[:200]}")
+        if previews:
+            print(f"  (+{previews} preview images in {base / 'temp'})")
+        print(f"[demo] open the workflow in ComfyUI to look at them: {args.workflow}")
         return 0
     finally:
         server.stop()

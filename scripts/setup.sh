@@ -31,7 +31,7 @@ STAMP="$VENV/.compose3d-stamp"
 want="$(cat "$REQS" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | "$PY" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
   log "installing requirements into $VENV (first run takes a few minutes)"
-  "$PY" -m pip install --quiet --disable-pip-version-check -r "$REQS" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  BUILD_NO_CUDA=1 "$PY" -m pip install --quiet --disable-pip-version-check -r "$REQS" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   echo "$want" > "$STAMP"
 else
   log "requirements already installed in $VENV"

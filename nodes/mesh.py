@@ -1,0 +1,102 @@
+"""Mesh exporter node: NeRF density -> clean, coloured mesh file in ComfyUI's output folder."""
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import torch
+from comfy_api.latest import Types, io
+
+import folder_paths
+
+from ..kernels.mesh import (MESH_FORMATS, bake_uv_texture, bake_vertex_colors, clean_mesh, extract_mesh,
+                            simplify_mesh, write_mesh)
+from .common import Progress
+from .types import CATEGORY, NeRFType
+
+COLOR_MODES = ("texture", "vertex", "none")
+SEAL_FRACTION = 0.02
+
+
+def check_filename_prefix(prefix: str) -> str:
+    """The prefix, if it stays inside the output folder; else ValueError naming ``filename_prefix``."""
+    text = prefix.strip()
+    if not text:
+        raise ValueError("filename_prefix: empty; give a name such as 'Compose3D/mesh'")
+    if PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute() or PureWindowsPath(text).drive:
+        raise ValueError(f"filename_prefix: {prefix!r} is an absolute path; give a path relative to the output "
+                         f"folder, such as 'Compose3D/mesh'")
+    if ".." in text.replace("\\", "/").split("/"):
+        raise ValueError(f"filename_prefix: {prefix!r} contains '..'; files must stay inside the output folder")
+    return text
+
+
+def core_mesh(mesh) -> Types.MESH:
+    """trimesh -> ComfyUI's core MESH (batch of one): vertices (1, V, 3) float32, faces (1, F, 3) int64."""
+    vertices = torch.as_tensor(mesh.vertices, dtype=torch.float32)[None]
+    faces = torch.as_tensor(mesh.faces, dtype=torch.int64)[None]
+    return Types.MESH(vertices, faces)
+
+
+class ExportMesh(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Compose3D_ExportMesh",
+            display_name="Export Mesh",
+            category=f"{CATEGORY}/mesh",
+            description="Extracts the surface where the NeRF's density crosses the threshold (marching cubes), "
+                        "keeps the largest parts, optionally simplifies, bakes colours (UV texture via xatlas, "
+                        "or vertex colours) and writes .glb/.obj/.ply into the output folder. Wire 'path' into "
+                        "Preview3D to look at it.",
+            inputs=[
+                NeRFType.Input("nerf"),
+                io.String.Input("filename_prefix", default="Compose3D/mesh",
+                                tooltip="Relative to the output folder; a counter and the extension are added."),
+                io.Combo.Input("format", options=list(MESH_FORMATS), default="glb"),
+                io.Int.Input("resolution", default=256, min=32, max=1024, step=8,
+                             tooltip="Marching-cubes grid cells per axis."),
+                io.Float.Input("threshold", default=10.0, min=0.0, max=10000.0, step=0.1,
+                               tooltip="Density of the surface. Lower gives a fuller, larger surface."),
+                io.Int.Input("keep_components", default=1, min=0, max=1000,
+                             tooltip="Keep this many largest connected parts (0 keeps all)."),
+                io.Int.Input("max_faces", default=100000, min=0, max=10000000,
+                             tooltip="Simplify to about this many faces (0: no simplification)."),
+                io.Combo.Input("colors", options=list(COLOR_MODES), default="texture",
+                               tooltip="texture: UV atlas + image (ply falls back to vertex colours); "
+                                       "vertex: per-vertex colours; none: geometry only."),
+                io.Int.Input("texture_size", default=1024, min=64, max=8192, step=64),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="File path relative to the output folder."),
+                     io.Mesh.Output(display_name="mesh")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, nerf, filename_prefix, format, resolution, threshold, keep_components, max_faces, colors,
+                texture_size) -> io.NodeOutput:
+        prefix = check_filename_prefix(filename_prefix)
+        progress = Progress(4)
+        field = nerf.field
+        with torch.no_grad():
+            # Seal pores narrower than ~2% of the box so the porous inside of a NeRF is filled, not meshed.
+            mesh = extract_mesh(nerf.visible_density, field.aabb, resolution=resolution, threshold=threshold,
+                                seal_radius=max(1, round(SEAL_FRACTION * resolution)))
+            progress.update(1)
+            mesh = clean_mesh(mesh, keep_components=keep_components)
+            if max_faces > 0:
+                mesh = simplify_mesh(mesh, max_faces)
+            progress.update(2)
+            color_fn = lambda x: field.color(x.to(nerf.device)).cpu()  # noqa: E731
+            if colors == "texture" and format != "ply":
+                mesh = bake_uv_texture(mesh, color_fn, texture_size=texture_size)
+            elif colors != "none":
+                mesh = bake_vertex_colors(mesh, color_fn)
+            progress.update(3)
+        output_dir = folder_paths.get_output_directory()
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir)
+        filename = f"{name}_{counter:05}_.{format}"
+        write_mesh(mesh, Path(folder) / filename, format)
+        progress.update(4)
+        relative = str(PurePosixPath(subfolder.replace("\\", "/")) / filename) if subfolder else filename
+        shown = {"3d": [{"filename": filename, "subfolder": subfolder, "type": "output"}]}
+        return io.NodeOutput(relative, core_mesh(mesh), ui=shown)

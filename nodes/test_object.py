@@ -1,0 +1,33 @@
+"""A built-in test object: exact views of a synthetic toy, for demos and for checking a setup."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..kernels.test_object import render_test_object
+from .types import CATEGORY, CamerasType
+
+BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
+
+
+class TestObjectViews(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Compose3D_TestObjectViews",
+            display_name="Test Object Views",
+            category=f"{CATEGORY}/testing",
+            description="Exact renders of a built-in toy (two spheres on a box, smoothly coloured) from the given "
+                        "cameras, with masks. Made at run time: no data is downloaded.",
+            inputs=[
+                CamerasType.Input("cameras"),
+                io.Int.Input("width", default=128, min=8, max=4096, step=8),
+                io.Int.Input("height", default=128, min=8, max=4096, step=8),
+                io.Combo.Input("background", options=list(BACKGROUNDS), default="white"),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.Mask.Output(display_name="masks")],
+        )
+
+    @classmethod
+    def execute(cls, cameras, width, height, background) -> io.NodeOutput:
+        rgb, mask, _ = render_test_object(cameras, height, width, BACKGROUNDS[background])
+        return io.NodeOutput(rgb, mask)
