@@ -78,7 +78,9 @@ def fit_views(nerf: NeRF, images: Tensor, cameras: Cameras, masks: Tensor | None
 
     optimizer = make_optimizer(nerf, settings.lr)
     if "optimizer" in nerf.training:
-        optimizer.load_state_dict(nerf.training["optimizer"])
+        optimizer.load_state_dict(nerf.training["optimizer"])  # keeps Adam's moments...
+        for group, lr in zip(optimizer.param_groups, (settings.lr, settings.lr / 10)):
+            group["lr"] = lr  # ...but the step size asked for now
     start = nerf.steps_trained
     threshold = nerf.occupancy_threshold()
     # With masks the grid starts as their visual hull, so empty space is skipped from the first step;

@@ -22,7 +22,7 @@ def check_filename_prefix(prefix: str) -> str:
     text = prefix.strip()
     if not text:
         raise ValueError("filename_prefix: empty; give a name such as 'Compose3D/mesh'")
-    if PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute() or PureWindowsPath(text).drive:
+    if text.startswith(("/", "\\")) or PureWindowsPath(text).anchor or PurePosixPath(text).is_absolute():
         raise ValueError(f"filename_prefix: {prefix!r} is an absolute path; give a path relative to the output "
                          f"folder, such as 'Compose3D/mesh'")
     if ".." in text.replace("\\", "/").split("/"):
@@ -56,7 +56,8 @@ class ExportMesh(io.ComfyNode):
                 io.Int.Input("resolution", default=256, min=32, max=1024, step=8,
                              tooltip="Marching-cubes grid cells per axis."),
                 io.Float.Input("threshold", default=10.0, min=0.0, max=10000.0, step=0.1,
-                               tooltip="Density of the surface. Lower gives a fuller, larger surface."),
+                               tooltip="Density of the surface. Lower it if the mesh is empty or has holes "
+                                       "(short trainings give low densities); raise it to shave off haze."),
                 io.Int.Input("keep_components", default=1, min=0, max=1000,
                              tooltip="Keep this many largest connected parts (0 keeps all)."),
                 io.Int.Input("max_faces", default=100000, min=0, max=10000000,
@@ -86,6 +87,7 @@ class ExportMesh(io.ComfyNode):
             if max_faces > 0:
                 mesh = simplify_mesh(mesh, max_faces)
             progress.update(2)
+            geometry = core_mesh(mesh)  # before baking: a UV atlas splits vertices at its seams
             color_fn = lambda x: field.color(x.to(nerf.device)).cpu()  # noqa: E731
             if colors == "texture" and format != "ply":
                 mesh = bake_uv_texture(mesh, color_fn, texture_size=texture_size)
@@ -99,4 +101,4 @@ class ExportMesh(io.ComfyNode):
         progress.update(4)
         relative = str(PurePosixPath(subfolder.replace("\\", "/")) / filename) if subfolder else filename
         shown = {"3d": [{"filename": filename, "subfolder": subfolder, "type": "output"}]}
-        return io.NodeOutput(relative, core_mesh(mesh), ui=shown)
+        return io.NodeOutput(relative, geometry, ui=shown)

@@ -94,7 +94,7 @@ class NeRFFromViews(io.ComfyNode):
 
         with torch.inference_mode(False), torch.enable_grad():
             if nerf is None:
-                result = NeRF.create(config_for_device(device.type, blob_density=0.0),
+                result = NeRF.create(config_for_device(device.type, blob_density=0.0, density_activation="exp"),
                                      background=SolidBackground(BACKGROUNDS[background]),
                                      render=RenderSettings(samples_per_ray=samples_per_ray), device=device,
                                      seed=seed)
@@ -103,6 +103,9 @@ class NeRFFromViews(io.ComfyNode):
                     raise ValueError("nerf: this NeRF has a learned background; NeRF From Views continues only "
                                      "NeRFs with a solid background colour")
                 result = nerf.clone().to(device)
+                # The inputs apply to the continued NeRF too (its field and training state are kept).
+                result.background = SolidBackground(BACKGROUNDS[background]).to(device)
+                result.render = RenderSettings(samples_per_ray, result.render.chunk_rays)
             views = images.clone().float()
             mask_views = None if masks is None else masks.clone().float()
 
