@@ -168,7 +168,7 @@ def main() -> None:
     import torch
 
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.rays} rays x {args.samples} samples, median of one run of {args.repeats} repeats")
+          f"{args.rays} rays x {args.samples} samples, mean of {args.repeats} repeats after a warm-up")
     results = {}
     for mode in ("fwd", "fwd+bwd"):
         for variant in ("naive", "ours"):

@@ -1,6 +1,6 @@
 """Reconstruction quality on the built-in object: held-out views (PSNR) and exported geometry (Chamfer).
 
-A good reconstruction must pass both thresholds; the same run with camera poses off by up to 20 degrees
+A good reconstruction must pass both thresholds; the same run with camera poses off by up to 30 degrees
 (independently per camera) must not.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from harness.inprocess import run_node
 SIZE = 64
 STEPS = 300
 MIN_PSNR = 22.0  # dB on held-out views
-MAX_CHAMFER = 0.05  # scene units; the object is about 1.2 units tall
+MAX_CHAMFER = 0.04  # scene units; the object is about 1.2 units tall
 
 
 RINGS = ((8, 15.0, 0.0), (8, 45.0, 22.5), (4, -20.0, 45.0))  # (views, elevation, first azimuth)
@@ -68,7 +68,7 @@ def good(comfy_inprocess):
 
 @pytest.fixture(scope="module")
 def broken(comfy_inprocess):
-    return reconstruct_and_measure(comfy_inprocess / "output", 20.0)
+    return reconstruct_and_measure(comfy_inprocess / "output", 30.0)
 
 
 def test_reconstruction_of_the_test_object_meets_the_quality_thresholds(good):
@@ -78,6 +78,6 @@ def test_reconstruction_of_the_test_object_meets_the_quality_thresholds(good):
 
 
 def test_reconstruction_with_wrong_poses_fails_the_thresholds(broken):
-    print(f"\nposes off by up to 20 degrees: {broken}")
+    print(f"\nposes off by up to 30 degrees: {broken}")
     assert broken["psnr"] < MIN_PSNR
     assert broken["chamfer"] > MAX_CHAMFER
