@@ -138,10 +138,46 @@ def test_sphere_face_normals_point_out_of_the_dense_region(sphere64):
 
 def test_hollow_shell_normals_point_towards_the_empty_centre():
     # Dense outside r = 0.4 and empty inside: "outward" (towards lower density) is towards the centre.
-    mesh = extract_mesh(sphere_density(radius=0.4, inverted=True), CUBE, resolution=48, threshold=10.0)
+    mesh = extract_mesh(sphere_density(radius=0.4, inverted=True), CUBE, resolution=48, threshold=10.0,
+                        fill_interior=False)
     r = np.linalg.norm(mesh.vertices, axis=1)
     assert np.abs(r - 0.4).max() < 0.01
     assert outward_fraction(mesh, (0, 0, 0)) == 0.0
+
+
+def shell_density(inner: float, outer: float, pore_radius: float = 0.0):
+    """Density exactly 10 at r = inner and r = outer, above it between (linear ramps), below it elsewhere;
+    optionally 0 in a straight pore of ``pore_radius`` drilled along +x from the cavity to the outside."""
+
+    def fn(points: torch.Tensor) -> torch.Tensor:
+        r = points.norm(dim=-1)
+        density = torch.clamp(10.0 + 100.0 * torch.minimum(r - inner, outer - r), min=0.0)
+        if pore_radius > 0:
+            pore = (points[:, 0] > 0) & (points[:, 1:].norm(dim=-1) < pore_radius)
+            density = torch.where(pore, torch.zeros_like(density), density)
+        return density
+
+    return fn
+
+
+def test_enclosed_cavity_is_filled_so_only_the_outer_surface_remains():
+    outer, inner = 0.5, 0.25
+    hollow = extract_mesh(shell_density(inner, outer), CUBE, resolution=64, threshold=10.0, fill_interior=False)
+    filled = extract_mesh(shell_density(inner, outer), CUBE, resolution=64, threshold=10.0)
+    assert len(hollow.split(only_watertight=False)) == 2  # outer and inner surfaces
+    assert len(filled.split(only_watertight=False)) == 1
+    assert np.linalg.norm(filled.vertices, axis=1).min() > outer - 0.05
+    assert filled.volume == pytest.approx(sphere_volume(outer), rel=0.05)
+
+
+def test_sealing_closes_a_narrow_pore_so_the_cavity_is_filled_too():
+    outer, inner, pore = 0.5, 0.25, 0.04  # pore 0.08 wide: under three cells of 2/63
+    porous = extract_mesh(shell_density(inner, outer, pore), CUBE, resolution=64, threshold=10.0)
+    sealed = extract_mesh(shell_density(inner, outer, pore), CUBE, resolution=64, threshold=10.0, seal_radius=3)
+    # Without sealing the cavity is reached through the pore, so its surface stays part of the mesh.
+    assert np.linalg.norm(porous.vertices, axis=1).min() < inner + 0.05
+    assert np.linalg.norm(sealed.vertices, axis=1).min() > outer - 0.1
+    assert sealed.volume == pytest.approx(sphere_volume(outer), rel=0.06)
 
 
 def test_off_centre_sphere_in_a_non_cubic_box_maps_back_to_world_coordinates():
