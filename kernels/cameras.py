@@ -67,6 +67,12 @@ class Cameras:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
+    def __getitem__(self, index) -> "Cameras":
+        """The cameras selected by ``index`` (an int, slice, index list or bool mask), as a new rig."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return Cameras(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
     @property
     def positions(self) -> Tensor:
         """(N, 3) camera centres in world coordinates."""

@@ -9,6 +9,9 @@ import comfy.utils
 
 PREVIEW_MAX_PX = 512
 
+#: Background colours offered by nodes that composite over one.
+BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
+
 
 def compute_device() -> torch.device:
     """The device ComfyUI computes on (``--cpu`` gives the CPU)."""

@@ -10,10 +10,9 @@ from ..kernels.field import config_for_device
 from ..kernels.nerf import NeRF
 from ..kernels.reconstruct import FitSettings, StepInfo, fit_views
 from ..kernels.renderer import RenderSettings, render_views
-from .common import Progress, compute_device
+from .common import BACKGROUNDS, Progress, compute_device
 from .types import CATEGORY, CamerasType, NeRFType
 
-BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
 PREVIEW_SIZE = 128
 
 
@@ -42,8 +41,7 @@ def check_views(images: torch.Tensor, cameras: Cameras, masks: torch.Tensor | No
 
 def preview_render(nerf: NeRF, cameras: Cameras, size: int = PREVIEW_SIZE) -> torch.Tensor:
     """(size, size, 3) render of the first camera, for progress previews."""
-    first = Cameras(*(getattr(cameras, f)[:1] for f in Cameras.__dataclass_fields__))
-    out = render_views(nerf.field, nerf.background, first, size, size, nerf.render, nerf.occupancy,
+    out = render_views(nerf.field, nerf.background, cameras[:1], size, size, nerf.render, nerf.occupancy,
                        with_normals=False)
     return out["rgb"][0]
 
@@ -146,7 +144,7 @@ class RenderNeRF(io.ComfyNode):
     def execute(cls, nerf, cameras, width, height, samples_per_ray) -> io.NodeOutput:
         settings = nerf.render if samples_per_ray == 0 else RenderSettings(samples_per_ray, nerf.render.chunk_rays)
         device = compute_device()
-        model = nerf.to(device) if nerf.device != device else nerf
+        model = nerf.to(device)
         total_rays = len(cameras) * width * height
         progress = Progress(total_rays)
         out = render_views(model.field, model.background, cameras, height, width, settings, model.occupancy,

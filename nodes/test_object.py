@@ -4,9 +4,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..kernels.test_object import render_test_object
+from .common import BACKGROUNDS
 from .types import CATEGORY, CamerasType
 
-BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
 
 
 class TestObjectViews(io.ComfyNode):

@@ -106,3 +106,17 @@ def test_pixel_intrinsics_project_the_fov_edge_to_the_image_edge():
 def test_bad_parameters_are_rejected_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=rf"^{name}: expected"):
         orbit_cameras(**kwargs)
+
+
+def test_selecting_and_combining_cameras_keeps_every_field_aligned():
+    from compose3d.kernels.cameras import concat_cameras
+
+    rig = orbit_cameras(views=6, elevation=20.0, azimuth_start=10.0)
+    assert rig[2].azimuth_deg.tolist() == pytest.approx([130.0])
+    assert rig[-1].azimuth_deg.tolist() == pytest.approx([310.0])
+    picked = rig[[4, 1]]
+    torch.testing.assert_close(picked.mvdream, rig.mvdream[[4, 1]])
+    torch.testing.assert_close(picked.c2w, rig.c2w[[4, 1]])
+    both = concat_cameras(rig[:2], orbit_cameras(views=1, elevation=-5.0))
+    assert both.elevation_deg.tolist() == pytest.approx([20.0, 20.0, -5.0])
+    np.testing.assert_allclose(both.mvdream[2].numpy(), mvdream_get_camera(1, -5.0, 0.0, 360.0)[0], atol=1e-6)
