@@ -177,3 +177,27 @@ def test_occupancy_update_marks_only_dense_allowed_cells():
     assert grid.occupied[inside].all()
     assert not grid.occupied[centres.norm(dim=-1) > 0.6].any()
     assert not grid.occupied[centres[:, 0] < 0].any()
+
+
+def test_learned_background_depends_on_direction_trains_and_is_refused_by_fitting():
+    from compose3d.kernels.background import LearnedBackground
+    from compose3d.kernels.nerf import NeRF
+    from compose3d.kernels.reconstruct import FitSettings, fit_views
+
+    torch.manual_seed(0)
+    bg = LearnedBackground()
+    dirs = torch.nn.functional.normalize(torch.randn(64, 3), dim=-1)
+    rgb = bg(dirs)
+    assert rgb.shape == (64, 3) and 0 < float(rgb.min()) and float(rgb.max()) < 1
+    assert float(rgb.std(dim=0).min()) > 0  # not a constant colour
+    target = torch.full((64, 3), 0.8)
+    opt = torch.optim.Adam(bg.parameters(), lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        ((bg(dirs) - target) ** 2).mean().backward()
+        opt.step()
+    assert float((bg(dirs) - target).abs().max()) < 0.02
+    nerf = NeRF.create(FieldConfig(levels=2, log2_table_size=10), background=LearnedBackground())
+    cams = orbit_cameras(views=1)
+    with pytest.raises(ValueError, match="^background: "):
+        fit_views(nerf, torch.ones(1, 4, 4, 3), cams, settings=FitSettings(steps=1))

@@ -1,0 +1,81 @@
+"""Attention math against hand-made inputs with known answers (Attend-and-Excite formulas, MVDream layout)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from compose3d.kernels.attention import (gaussian_kernel, refocus_loss, refocus_step_size, sequence_to_views,
+                                         smooth_maps, subject_token_maps, views_to_sequence)
+
+
+def test_views_are_joined_into_one_sequence_per_object_and_split_back():
+    x = torch.arange(2 * 4 * 3 * 5, dtype=torch.float32).reshape(8, 3, 5)  # 2 objects x 4 views, L=3
+    seq = views_to_sequence(x, 4)
+    assert seq.shape == (2, 12, 5)
+    torch.testing.assert_close(seq[1, 3:6], x[5])  # object 1, view 1
+    torch.testing.assert_close(sequence_to_views(seq, 4), x)
+    with pytest.raises(ValueError, match="^views: the batch of 8 is not a multiple of 3 views"):
+        views_to_sequence(x, 3)
+
+
+def test_gaussian_kernel_is_the_normalised_3x3_with_sigma_half():
+    side = math.exp(-1 / (2 * 0.5 ** 2))
+    g = torch.tensor([side, 1.0, side]) / (1 + 2 * side)
+    torch.testing.assert_close(gaussian_kernel(3, 0.5), torch.outer(g, g))
+    assert g.tolist() == pytest.approx([0.10650698, 0.78698604, 0.10650698], abs=1e-7)
+
+
+def test_smoothing_a_centred_delta_gives_the_kernel_and_keeps_shape():
+    m = torch.zeros(2, 1, 5, 5)
+    m[0, 0, 2, 2] = 1.0
+    out = smooth_maps(m)
+    assert out.shape == m.shape
+    torch.testing.assert_close(out[0, 0, 1:4, 1:4], gaussian_kernel(3, 0.5))
+    assert float(out[1].abs().max()) == 0.0
+
+
+def test_token_maps_softmax_over_words_after_the_start_token():
+    # 1 view, 4 image tokens (2x2), text: [SOT, "a", "cat", "dog", EOT, pad]
+    probs = torch.zeros(1, 4, 6)
+    probs[0, :, 0] = 0.9  # the start token soaks up attention; it must not compete
+    probs[0, 0, 2] = 0.1  # pixel 0 looks at "cat"
+    probs[0, 3, 3] = 0.1  # pixel 3 looks at "dog"
+    maps = subject_token_maps(probs, [2, 3], 2, 2, last_token=4)
+    e = math.exp(10.0)
+    assert maps[0, 0, 0, 0].item() == pytest.approx(e / (e + 2))  # cat at pixel 0
+    assert maps[0, 0, 0, 1].item() == pytest.approx(1 / 3)  # a tie between the three words
+    assert maps[0, 1, 1, 1].item() == pytest.approx(e / (e + 2))  # dog at pixel 3
+    with pytest.raises(ValueError, match="^token_indices: "):
+        subject_token_maps(probs, [0], 2, 2, last_token=4)
+
+
+def test_refocus_loss_is_driven_by_the_most_neglected_subject_in_its_weakest_view():
+    maps = torch.zeros(4, 2, 3, 3)  # 4 views, 2 subjects
+    maps[:, 0, 1, 1] = torch.tensor([0.9, 0.8, 0.7, 0.95])  # subject 0 weakest in view 2: 0.7
+    maps[:, 1, 0, 0] = torch.tensor([0.6, 0.9, 0.9, 0.9])  # subject 1 weakest in view 0: 0.6
+    loss, per_token = refocus_loss(maps)
+    assert per_token.tolist() == pytest.approx([0.7, 0.6])
+    assert loss.item() == pytest.approx(0.4)
+    maps[0, 1, 2, 2] = 0.85  # subject 1 now found in view 0 too: subject 0 (0.7) leads
+    loss, _ = refocus_loss(maps)
+    assert loss.item() == pytest.approx(0.3)
+
+
+def test_refocus_loss_gradient_reaches_only_the_neglected_maximum():
+    maps = torch.rand(4, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.5
+    maps[:, 0].flatten(1)[:, 5] = 0.9  # subject 0 well attended everywhere
+    maps.requires_grad_(True)
+    loss, per_token = refocus_loss(maps)
+    loss.backward()
+    nonzero = maps.grad.nonzero().tolist()
+    assert len(nonzero) == 1
+    v, k = nonzero[0][:2]
+    assert k == 1 and maps[v, 1].max().item() == pytest.approx(per_token[1].item())
+
+
+def test_step_size_follows_sqrt_linspace_from_one_to_a_half():
+    assert refocus_step_size(0, 25) == pytest.approx(20.0)
+    assert refocus_step_size(24, 25) == pytest.approx(20 * math.sqrt(0.5))
+    assert refocus_step_size(12, 25) == pytest.approx(20 * math.sqrt(0.75))
