@@ -42,10 +42,16 @@ def main() -> int:
         prompt = ui_to_api(workflow, server.get_json("/object_info"))
         print(f"[demo] queueing {args.workflow.name} ({len(prompt)} nodes)", flush=True)
 
-        def report(msg, _server):
+        shown_tenth: dict[str, int] = {}
+
+        def report(msg, _server):  # one line per node per tenth of its progress
             if msg["type"] == "progress":
                 d = msg["data"]
-                print(f"[demo]   node {d['node']}: {d['value']}/{d['max']}", flush=True)
+                tenth = 10 * d["value"] // max(d["max"], 1)
+                if tenth > shown_tenth.get(d["node"], -1):
+                    shown_tenth[d["node"]] = tenth
+                    kind = prompt.get(d["node"], {}).get("class_type", "")
+                    print(f"[demo]   node {d['node']} {kind}: {d['value']}/{d['max']}", flush=True)
 
         result = server.run(prompt, timeout=args.timeout, on_message=report)
         if result.status != "success":
