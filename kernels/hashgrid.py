@@ -68,7 +68,6 @@ class HashGrid(nn.Module):
         for s in sizes:
             offsets.append(offsets[-1] + s)
         self.register_buffer("resolutions", torch.tensor(resolutions, dtype=torch.long), persistent=False)
-        self.register_buffer("sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)
         assert hashed == sorted(hashed), "dense levels must come before hashed ones"
         self.dense_levels = hashed.count(False)
         self.register_buffer("offsets", torch.tensor(offsets[:-1], dtype=torch.long), persistent=False)
