@@ -88,24 +88,27 @@ def render_views(field: RadianceField, background: nn.Module, cameras: Cameras, 
                  with_normals: bool = True, on_progress: Callable[[int, int], None] | None = None
                  ) -> dict[str, Tensor]:
     """Render every camera at ``height x width``; returns CPU tensors ``rgb`` (N, H, W, 3), ``opacity``
-    (N, H, W), ``depth`` (N, H, W) and ``normal`` (N, H, W, 3). Rays go through the field in chunks of
-    ``settings.chunk_rays``; ``on_progress(done_rays, total_rays)`` is called after each chunk (it may raise to
+    (N, H, W), ``depth`` (N, H, W) and ``normal`` (N, H, W, 3). Rays are made one view at a time and go
+    through the field in chunks of ``settings.chunk_rays``, so device memory is bounded by one view's rays and
+    one chunk's samples; ``on_progress(done_rays, total_rays)`` is called after each chunk (it may raise to
     stop)."""
     device = next(field.parameters()).device
     n = len(cameras)
-    origins, directions = camera_rays(cameras, height, width, device=device)
-    origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
-    total = origins.shape[0]
+    per_view = height * width
+    total = n * per_view
     keys = ("rgb", "opacity", "depth") + (("normal",) if with_normals else ())
     parts: dict[str, list[Tensor]] = {k: [] for k in keys}
-    for start in range(0, total, settings.chunk_rays):
-        sl = slice(start, start + settings.chunk_rays)
-        out = render_rays(field, background, origins[sl], directions[sl], settings.samples_per_ray,
-                          occupancy=occupancy, with_normals=with_normals)
-        for k in keys:
-            parts[k].append(out[k].float().cpu())
-        if on_progress is not None:
-            on_progress(min(start + settings.chunk_rays, total), total)
+    for view in range(n):
+        origins, directions = camera_rays(cameras[view], height, width, device=device)
+        origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
+        for start in range(0, per_view, settings.chunk_rays):
+            sl = slice(start, start + settings.chunk_rays)
+            out = render_rays(field, background, origins[sl], directions[sl], settings.samples_per_ray,
+                              occupancy=occupancy, with_normals=with_normals)
+            for k in keys:
+                parts[k].append(out[k].float().cpu())
+            if on_progress is not None:
+                on_progress(view * per_view + min(start + settings.chunk_rays, per_view), total)
     result = {k: torch.cat(v).view(n, height, width, -1) for k, v in parts.items()}
     result["opacity"] = result["opacity"].squeeze(-1)
     result["depth"] = result["depth"].squeeze(-1)
