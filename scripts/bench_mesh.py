@@ -13,7 +13,6 @@ pool is slow to wake (some sandboxes), ``--threads 1`` can be much faster.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import platform
 import sys
@@ -22,17 +21,13 @@ import time
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from pack_import import register_pack  # noqa: E402
 
 
 def _import_pack():
     """Register the repository as the package ``compose3d`` (as tests/conftest.py does) and return kernels.mesh."""
-    if "compose3d" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("compose3d", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["compose3d"] = module
-        spec.loader.exec_module(module)
+    register_pack()
     from compose3d.kernels import mesh
     return mesh
 

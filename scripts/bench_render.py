@@ -12,7 +12,6 @@ process so its peak memory (RSS on the CPU, allocator peak on CUDA) is its own.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import subprocess
@@ -20,15 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def register_pack() -> None:
-    spec = importlib.util.spec_from_file_location("compose3d", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compose3d"] = module
-    spec.loader.exec_module(module)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack_import import register_pack  # noqa: E402
 
 
 def build(device: str):
