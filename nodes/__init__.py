@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .cameras import CombineCameras, OrbitCameras, PreviewCameras
 from .mesh import ExportMesh
+from .mvdream import MVDreamConditioning, MVDreamLoader
 from .nerf import NeRFFromViews, RenderNeRF
 from .test_object import TestObjectViews
 
@@ -18,6 +19,8 @@ NODES: list[type[io.ComfyNode]] = [
     NeRFFromViews,
     RenderNeRF,
     ExportMesh,
+    MVDreamLoader,
+    MVDreamConditioning,
 ]
 
 

@@ -74,29 +74,24 @@ def test_tiny_sd15_checkpoint_is_detected_as_sd15_and_denoises(comfy_inprocess, 
     assert pixels.shape == (2, 4, 8, 8)
 
 
-def test_tiny_mvdream_checkpoint_has_the_official_layout_and_its_unet_loads(comfy_inprocess, tiny_models):
-    import comfy.supported_models
-
+def test_tiny_mvdream_checkpoint_has_the_released_key_layout(tiny_models):
     path = tiny_models.path("checkpoints", tiny_models.mvdream_checkpoint)
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys if "camera_embed" in k}
-    assert shapes == {
-        "model.diffusion_model.camera_embed.0.weight": (1280, 16),
-        "model.diffusion_model.camera_embed.0.bias": (1280,),
-        "model.diffusion_model.camera_embed.2.weight": (1280, 1280),
-        "model.diffusion_model.camera_embed.2.bias": (1280,),
+    assert shapes == {  # Linear(16, D), SiLU, Linear(D, D), D = 4 x 64 base channels
+        "model.diffusion_model.camera_embed.0.weight": (256, 16),
+        "model.diffusion_model.camera_embed.0.bias": (256,),
+        "model.diffusion_model.camera_embed.2.weight": (256, 256),
+        "model.diffusion_model.camera_embed.2.bias": (256,),
     }
-    assert "model.diffusion_model.time_embed.0.weight" in keys
+    # SD2.1's UNet layout (4 levels of one res-block: input blocks 0..7, output blocks 0..7), the OpenCLIP text tower, a VAE.
+    assert {"model.diffusion_model.time_embed.0.weight", "model.diffusion_model.input_blocks.7.0.in_layers.2.weight",
+            "model.diffusion_model.output_blocks.7.1.transformer_blocks.0.attn2.to_k.weight",
+            "cond_stage_model.model.token_embedding.weight", "cond_stage_model.model.positional_embedding",
+            "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight",
+            "cond_stage_model.model.text_projection"} <= keys
     assert any(k.startswith("first_stage_model.") for k in keys)
-    # Until the MVDream loader exists, ComfyUI's own loader reads the UNet as the SD2.x it is built on.
-    model, _, vae = load_checkpoint(tiny_models, tiny_models.mvdream_checkpoint)
-    assert type(model.model.model_config) is comfy.supported_models.SD20
-    unet = model.model.diffusion_model
-    assert unet.model_channels == 320
-    latent = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    x0 = denoise_once(model, latent, torch.randn(4, 77, 1024))
-    assert x0.shape == latent.shape and torch.isfinite(x0).all()
 
 
 def test_tiny_models_are_reproducible(tmp_path, tiny_models):

@@ -112,6 +112,85 @@ def mvdream_camera_embed_state_dict(time_embed_dim: int, seed: int) -> dict[str,
     return fill_seeded(sd, seed)
 
 
+def mvdream_unet_state_dict(*, family: str, seed: int, context_dim: int = 64) -> dict[str, torch.Tensor]:
+    """A narrow MVDream UNet with SD's four levels (attention at the first three, like SD1.5/SD2.1).
+
+    64 base channels, channel multipliers (1, 1, 2, 2), one res-block per level: 32x32 latents have attention at
+    32x32, 16x16 and 8x8, so Attend-and-Excite's 8x8 maps exist. ``family`` "sd21": linear projections,
+    64-channel heads; "sd15": convolution projections, 8 heads. ``context_dim`` is the text encoder's width (1024
+    and 768 in the released models; narrow here, matching the narrow text encoders).
+    """
+    init_comfy()
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    sd21 = family == "sd21"
+    with torch.device("meta"):
+        unet = UNetModel(
+            image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1, 1, 1],
+            channel_mult=[1, 1, 2, 2], transformer_depth=[1, 1, 1, 0], transformer_depth_middle=1,
+            transformer_depth_output=[0, 0, 1, 1, 1, 1, 1, 1], context_dim=context_dim,
+            use_spatial_transformer=True, use_linear_in_transformer=sd21, num_heads=-1 if sd21 else 8,
+            num_head_channels=64 if sd21 else -1, legacy=False, operations=comfy.ops.disable_weight_init)
+    sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in unet.state_dict().items()}
+    sd.update({k: torch.empty(v.shape) for k, v in mvdream_camera_embed_state_dict(64 * 4, 0).items()})
+    return fill_seeded(sd, seed)
+
+
+def openclip_text_state_dict(*, width: int, layers: int, seed: int, vocab: int = 49408,
+                             context: int = 77) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text tower in the layout of SD2.x's ``cond_stage_model.model.*`` (ViT-H text, narrow)."""
+    shapes = {"token_embedding.weight": (vocab, width), "positional_embedding": (context, width),
+              "ln_final.weight": (width,), "ln_final.bias": (width,), "text_projection": (width, width),
+              "logit_scale": ()}
+    for i in range(layers):
+        b = f"transformer.resblocks.{i}."
+        shapes.update({b + "ln_1.weight": (width,), b + "ln_1.bias": (width,),
+                       b + "attn.in_proj_weight": (3 * width, width), b + "attn.in_proj_bias": (3 * width,),
+                       b + "attn.out_proj.weight": (width, width), b + "attn.out_proj.bias": (width,),
+                       b + "ln_2.weight": (width,), b + "ln_2.bias": (width,),
+                       b + "mlp.c_fc.weight": (4 * width, width), b + "mlp.c_fc.bias": (4 * width,),
+                       b + "mlp.c_proj.weight": (width, 4 * width), b + "mlp.c_proj.bias": (width,)})
+    sd = fill_seeded({k: torch.empty(s) for k, s in shapes.items()}, seed)
+    sd["token_embedding.weight"] = sd["token_embedding.weight"] * 0.02 * width ** 0.5  # embedding-like scale
+    sd["logit_scale"] = torch.tensor(4.6052, dtype=torch.float16)
+    return sd
+
+
+def clip_l_text_state_dict(*, width: int, layers: int, seed: int) -> dict[str, torch.Tensor]:
+    """A CLIP text model in the HF layout of SD1.x's ``cond_stage_model.transformer.*`` (CLIP-L text, narrow)."""
+    init_comfy()
+    import comfy.clip_model
+    import comfy.ops
+
+    config = {"vocab_size": 49408, "hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": 1,
+              "intermediate_size": 4 * width, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+              "layer_norm_eps": 1e-5, "projection_dim": width, "eos_token_id": 49407}
+    with torch.device("meta"):
+        model = comfy.clip_model.CLIPTextModel(config, torch.float32, "meta", comfy.ops.disable_weight_init)
+    sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()
+          if not k.startswith("text_projection")}
+    sd = fill_seeded(sd, seed)
+    key = "text_model.embeddings.token_embedding.weight"
+    sd[key] = sd[key] * 0.02 * width ** 0.5
+    return sd
+
+
+def mvdream_checkpoint_state_dict(family: str = "sd21", seed: int = 21) -> dict[str, torch.Tensor]:
+    """A whole tiny MVDream checkpoint in the released key layout (``sd-v2.1-base-4view`` or ``sd-v1.5-4view``):
+    ``model.diffusion_model.*`` (with ``camera_embed``), ``cond_stage_model.*`` text encoder and
+    ``first_stage_model.*`` VAE (TAESD form: the KL VAE has a fixed 128-channel width in ComfyUI's detection)."""
+    sd = prefixed(UNET_PREFIX, mvdream_unet_state_dict(family=family, seed=seed))
+    sd.update(prefixed(VAE_PREFIX, taesd_state_dict(4, seed=seed + 1000)))
+    if family == "sd21":
+        sd.update(prefixed("cond_stage_model.model.", openclip_text_state_dict(width=64, layers=3,
+                                                                              seed=seed + 2000)))
+    else:
+        sd.update(prefixed("cond_stage_model.transformer.", clip_l_text_state_dict(width=64, layers=3,
+                                                                                  seed=seed + 2000)))
+    return sd
+
+
 def prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in sd.items()}
 
@@ -147,13 +226,7 @@ def build_tiny_models(models_root: Path) -> TinyModels:
     sd3.update(prefixed(VAE_PREFIX, taesd_state_dict(16, seed=3016)))
     save_file(sd3, tm.path("checkpoints", tm.sd3_checkpoint), metadata={"compose3d": "tiny sd3 test model"})
 
-    # MVDream's released checkpoints: an SD2.1-base UNet (context 1024, linear proj, 64-channel heads) with
-    # camera_embed under model.diffusion_model., plus first_stage_model (here in TAESD form).
-    unet = sd_unet_state_dict(context_dim=1024, use_linear_in_transformer=True, num_head_channels=64, seed=21)
-    time_embed_dim = unet["time_embed.0.weight"].shape[0]
-    unet.update(mvdream_camera_embed_state_dict(time_embed_dim, seed=2116))
-    mv = prefixed(UNET_PREFIX, unet)
-    mv.update(prefixed(VAE_PREFIX, taesd_state_dict(4, seed=2104)))
+    mv = mvdream_checkpoint_state_dict("sd21", seed=21)
     save_file(mv, tm.path("checkpoints", tm.mvdream_checkpoint), metadata={"compose3d": "tiny mvdream test model"})
     return tm
 
