@@ -101,3 +101,90 @@ def refocus_step_size(step: int, steps: int, scale: float = 20.0) -> float:
     if steps <= 1:
         return scale
     return scale * math.sqrt(1.0 - 0.5 * step / (steps - 1))
+
+
+def parse_subjects(text: str) -> list[str]:
+    """Comma-separated subject words -> stripped entries; an empty text means no subjects.
+
+    Raises:
+        ValueError: an entry is empty (e.g. ``"cat,,dog"`` or a trailing comma).
+    """
+    if not text.strip():
+        return []
+    entries = [part.strip() for part in text.split(",")]
+    if any(not e for e in entries):
+        raise ValueError(f"subjects: {text!r} has an empty entry; separate subject words by single commas, "
+                         f"e.g. 'cat, dog'")
+    return entries
+
+
+def find_subject_tokens(prompt_ids: list[int], subject_ids: list[list[int]], subjects: list[str],
+                        token_names: list[str]) -> list[list[int]]:
+    """Positions of each subject's tokens in the prompt (first occurrence of the whole token sequence).
+
+    Args:
+        prompt_ids: the prompt's token ids, the start token at position 0 (positions are indices into this).
+        subject_ids: each subject's token ids, tokenized alone (no start/end tokens).
+        subjects: the subjects as typed (for messages).
+        token_names: the prompt's tokens as text, listed when a subject is missing.
+
+    Raises:
+        ValueError: a subject tokenizes to nothing or does not occur in the prompt; the message lists the
+            prompt's tokens.
+    """
+    listing = ", ".join(repr(t) for t in token_names) or "(none)"
+    positions = []
+    for subject, ids in zip(subjects, subject_ids):
+        if not ids:
+            raise ValueError(f"subjects: {subject!r} gives no tokens; name words of the prompt. "
+                             f"The prompt's tokens are: {listing}")
+        n = len(ids)
+        at = next((i for i in range(1, len(prompt_ids) - n + 1) if prompt_ids[i:i + n] == ids), None)
+        if at is None:
+            raise ValueError(f"subjects: {subject!r} is not in the prompt. The prompt's tokens are: {listing}")
+        positions.append(list(range(at, at + n)))
+    return positions
+
+
+def subject_maps(probs: Tensor, positions: list[list[int]], height: int, width: int, last_token: int,
+                 temperature: float = 100.0) -> Tensor:
+    """Per-view maps of whole subjects: a subject of several tokens gets the sum of its tokens' maps.
+
+    Args:
+        probs: (V, P, T) cross-attention probabilities (see :func:`subject_token_maps`).
+        positions: per subject, its token positions in the text.
+
+    Returns:
+        (V, K, height, width) maps, each in [0, 1] (the tokens' shares after the softmax over words).
+    """
+    flat = [i for pos in positions for i in pos]
+    maps = subject_token_maps(probs, flat, height, width, last_token, temperature)
+    out, start = [], 0
+    for pos in positions:
+        out.append(maps[:, start:start + len(pos)].sum(dim=1))
+        start += len(pos)
+    return torch.stack(out, dim=1)
+
+
+def parse_thresholds(text: str) -> dict[int, float]:
+    """``"0: 0.05, 10: 0.5, 20: 0.8"`` -> {0: 0.05, 10: 0.5, 20: 0.8} (sampling step -> attention target).
+
+    Raises:
+        ValueError: not ``step: value`` pairs, a negative step, or a value outside (0, 1].
+    """
+    out: dict[int, float] = {}
+    if not text.strip():
+        return out
+    for part in text.split(","):
+        step, sep, value = part.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            s, v = int(step.strip()), float(value.strip())
+        except ValueError:
+            raise ValueError(f"thresholds: {part.strip()!r} is not 'step: value'; expected e.g. "
+                             f"'0: 0.05, 10: 0.5, 20: 0.8'") from None
+        if s < 0 or not 0.0 < v <= 1.0:
+            raise ValueError(f"thresholds: {part.strip()!r} needs a step >= 0 and a value in (0, 1]")
+        out[s] = v
+    return out

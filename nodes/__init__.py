@@ -9,6 +9,7 @@ from .cameras import CombineCameras, OrbitCameras, PreviewCameras
 from .mesh import ExportMesh
 from .mvdream import MVDreamConditioning, MVDreamLoader
 from .nerf import NeRFFromViews, RenderNeRF
+from .refocus import RefocusSampler
 from .test_object import TestObjectViews
 
 NODES: list[type[io.ComfyNode]] = [
@@ -21,6 +22,7 @@ NODES: list[type[io.ComfyNode]] = [
     ExportMesh,
     MVDreamLoader,
     MVDreamConditioning,
+    RefocusSampler,
 ]
 
 
