@@ -186,6 +186,7 @@ class MVDreamSD21(comfy.supported_models.SD20):
     """sd-v2.1-base-4view: SD2.1-base UNet (eps), OpenCLIP ViT-H text encoder, KL-f8 VAE."""
 
     text_prefix = TEXT_PREFIX_OPENCLIP
+    clip_prefix = "clip_h."  # what process_clip_state_dict turns text_prefix into
 
     def model_type(self, state_dict, prefix=""):
         return comfy.model_base.ModelType.EPS
@@ -208,6 +209,7 @@ class MVDreamSD15(comfy.supported_models.SD15):
     """sd-v1.5-4view: SD1.5 UNet (eps), CLIP-L text encoder, KL-f8 VAE."""
 
     text_prefix = TEXT_PREFIX_CLIP_L
+    clip_prefix = "clip_l.transformer."
 
     def get_model(self, state_dict, prefix="", device=None):
         return MVDreamModel(self, device=device)
@@ -341,20 +343,25 @@ def load_mvdream(path: str, embedding_directory=None):
     # VAE (ComfyUI's detection picks the architecture from the keys).
     vae_sd = comfy.utils.state_dict_prefix_replace(sd, {VAE_PREFIX: ""}, filter_keys=True)
     vae = comfy.sd.VAE(sd=dict(vae_sd), metadata=metadata)
+    if vae.first_stage_model is None:
+        raise CheckpointError(f"{name}: the VAE weights under '{VAE_PREFIX}' are not a VAE ComfyUI recognises "
+                              f"(a key it detects the architecture by is missing).")
     expected = set(vae.first_stage_model.state_dict())
     _check_keys("VAE", name, [VAE_PREFIX + k for k in expected - set(vae_sd)],
                 [VAE_PREFIX + k for k in set(vae_sd) - expected])
 
     # Text encoder, converted to ComfyUI's CLIP layout by the stock SD1.5/SD2.x key conversion.
-    text_keys = {k: k for k in sd if k.startswith(config.text_prefix)}
     clip_sd = config.process_clip_state_dict(sd)
     clip = comfy.sd.CLIP(config.clip_target(state_dict=clip_sd), embedding_directory=embedding_directory,
                          tokenizer_data=clip_sd, parameters=comfy.utils.calculate_parameters(clip_sd))
     missing, unexpected = clip.load_sd(clip_sd, full_model=True)
     missing = [k for k in missing if not k.endswith(UNUSED_TEXT_KEYS + ("text_projection.weight",))]
     unexpected = [k for k in unexpected if not k.endswith(UNUSED_TEXT_KEYS)]
-    _check_keys("text encoder", name, missing, unexpected)
-    del text_keys
+
+    def original(key: str) -> str:  # ComfyUI's name -> the checkpoint's prefix (layout inside may differ)
+        return config.text_prefix + key[len(config.clip_prefix):] if key.startswith(config.clip_prefix) else key
+
+    _check_keys("text encoder", name, [original(k) for k in missing], [original(k) for k in unexpected])
 
     # Whatever is left was not used by any part.
     left = [k for k in sd if k not in SCHEDULE_KEYS and not k.startswith(IGNORED_PREFIXES)]

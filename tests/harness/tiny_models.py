@@ -116,7 +116,8 @@ def mvdream_unet_state_dict(*, family: str, seed: int, context_dim: int = 64) ->
     """A narrow MVDream UNet with SD's four levels (attention at the first three, like SD1.5/SD2.1).
 
     64 base channels, channel multipliers (1, 1, 2, 2), one res-block per level: 32x32 latents have attention at
-    32x32, 16x16 and 8x8, so Attend-and-Excite's 8x8 maps exist. ``family`` "sd21": linear projections,
+    32x32, 16x16 and 8x8 (input blocks 1, 3, 5; output blocks 2..7; ComfyUI pops ``transformer_depth_output`` from
+    the end, so its zeros are the lowest level's output blocks 0, 1), so Attend-and-Excite's 8x8 maps exist. ``family`` "sd21": linear projections,
     64-channel heads; "sd15": convolution projections, 8 heads. ``context_dim`` is the text encoder's width (1024
     and 768 in the released models; narrow here, matching the narrow text encoders).
     """
@@ -129,7 +130,7 @@ def mvdream_unet_state_dict(*, family: str, seed: int, context_dim: int = 64) ->
         unet = UNetModel(
             image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1, 1, 1],
             channel_mult=[1, 1, 2, 2], transformer_depth=[1, 1, 1, 0], transformer_depth_middle=1,
-            transformer_depth_output=[0, 0, 1, 1, 1, 1, 1, 1], context_dim=context_dim,
+            transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0], context_dim=context_dim,
             use_spatial_transformer=True, use_linear_in_transformer=sd21, num_heads=-1 if sd21 else 8,
             num_head_channels=64 if sd21 else -1, legacy=False, operations=comfy.ops.disable_weight_init)
     sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in unet.state_dict().items()}
