@@ -71,12 +71,17 @@ def resolve_subjects(clip, prompt: str, subjects_text: str) -> Subjects | None:
         chunks = outer.tokenize_with_weights(text)[outer.clip_name]
         return [[t for t, *_ in chunk] for chunk in chunks]
 
-    chunks = token_ids(prompt)
     end = inner.end_token
+
+    def end_of(chunk: list[int]) -> int:
+        return chunk.index(end, 1) if end in chunk[1:] else len(chunk)
+
+    chunks = token_ids(prompt)
     ids = chunks[0]
-    last = ids.index(end, 1) if end in ids[1:] else len(ids)
-    if len(chunks) > 1 or last >= len(ids):
-        raise ValueError(f"prompt: {last - 1} tokens; refocusing needs the prompt to fit one "
+    last = end_of(ids)
+    if len(chunks) > 1:
+        count = sum(end_of(c) - 1 for c in chunks)
+        raise ValueError(f"prompt: {count} tokens; refocusing needs the prompt to fit one "
                          f"{inner.max_length - 2}-token window")
 
     def word(t: int) -> str:
@@ -86,8 +91,7 @@ def resolve_subjects(clip, prompt: str, subjects_text: str) -> Subjects | None:
     subject_ids = []
     for name in names:
         sub = token_ids(name)[0]
-        stop = sub.index(end, 1) if end in sub[1:] else len(sub)
-        subject_ids.append(sub[1:stop])
+        subject_ids.append(sub[1:end_of(sub)])
     positions = find_subject_tokens(ids[:last], subject_ids, names, names_of_tokens)
     return Subjects(names, positions, last)
 

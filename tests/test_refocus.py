@@ -1,0 +1,143 @@
+"""The refocus sampler on the tiny MVDream, run through core SamplerCustom as a workflow would.
+
+Oracles: plain DDIM from core KSamplerSelect (bit-for-bit equality with no subjects), the tokenizer files read by
+``transformers.CLIPTokenizer`` directly (token positions), and the refocusing loss's own definition measured
+before and after the latent updates (attention of a planted neglected subject must rise).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from compose3d.kernels.cameras import orbit_cameras
+from compose3d.nodes.mvdream import MVDreamConditioning, MVDreamLoader
+from compose3d.nodes.refocus import RefocusSampler, resolve_subjects
+from harness.inprocess import run_node
+
+PROMPT = "a cat and a dog, 3d asset"
+REFOCUS = dict(sampler_name="ddim", refocus_steps=2, step_size=20.0, thresholds="0: 0.05", max_tries=3,
+               smoothing_sigma=0.5)
+
+
+@pytest.fixture(scope="module")
+def mvdream(comfy_inprocess, tiny_models):
+    return run_node(MVDreamLoader, ckpt_name=tiny_models.mvdream_checkpoint).result
+
+
+def encode(clip, text: str):
+    import nodes
+
+    with torch.inference_mode():
+        return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def with_cameras(conditioning, views: int = 4):
+    cams = orbit_cameras(views, 15.0, 0.0, 360.0, 2.0, 40.0)
+    return run_node(MVDreamConditioning, conditioning=conditioning, cameras=cams).result[0]
+
+
+def sample(model, positive, negative, sampler, steps: int = 4, seed: int = 7, batch: int = 4):
+    from comfy_extras.nodes_custom_sampler import BasicScheduler, SamplerCustom
+
+    (sigmas,) = run_node(BasicScheduler, model=model, scheduler="ddim_uniform", steps=steps, denoise=1.0).result
+    out = run_node(SamplerCustom, model=model, add_noise=True, noise_seed=seed, cfg=7.5, positive=positive,
+                   negative=negative, sampler=sampler, sigmas=sigmas,
+                   latent_image={"samples": torch.zeros(batch, 4, 32, 32)}).result
+    return out[0]["samples"]
+
+
+def refocus_sampler(clip, subjects: str, prompt: str = PROMPT, **overrides):
+    return run_node(RefocusSampler, clip=clip, prompt=prompt, subjects=subjects, **{**REFOCUS, **overrides}).result[0]
+
+
+def test_subject_words_map_to_the_tokenizers_positions(mvdream):
+    from transformers import CLIPTokenizer
+
+    import comfy.sd1_clip
+
+    clip = mvdream[1]
+    prompt = "a corgi wearing a red hat next to a blue teapot, 3d asset"
+    subjects = resolve_subjects(clip, prompt, "corgi, red hat, teapot")
+    oracle = CLIPTokenizer.from_pretrained(os.path.join(os.path.dirname(comfy.sd1_clip.__file__),
+                                                        "sd1_tokenizer"))
+    ids = oracle(prompt)["input_ids"]  # [start, ..., end]
+    for word, positions in zip(["corgi", "red hat", "teapot"], subjects.positions):
+        word_ids = oracle(word)["input_ids"][1:-1]
+        assert [ids[p] for p in positions] == word_ids
+    assert subjects.last_token == len(ids) - 1
+    assert len(subjects.positions[0]) == len(oracle("corgi")["input_ids"]) - 2  # a word split into BPE pieces
+
+
+def test_subjects_not_in_the_prompt_or_empty_get_errors_listing_the_prompts_tokens(mvdream):
+    clip = mvdream[1]
+    listing = "The prompt's tokens are: 'a', 'cat', 'and', 'a', 'dog', ',', '3', 'd', 'asset'"
+    with pytest.raises(ValueError) as err:
+        refocus_sampler(clip, "cat, horse")
+    assert str(err.value) == f"subjects: 'horse' is not in the prompt. {listing}"
+    with pytest.raises(ValueError, match=r"^subjects: 'cat, , dog' has an empty entry"):
+        refocus_sampler(clip, "cat, , dog")
+    with pytest.raises(ValueError) as err:
+        refocus_sampler(clip, "...")
+    assert str(err.value).startswith("subjects: '...' ") and listing in str(err.value)
+    with pytest.raises(ValueError, match=r"^prompt: empty"):
+        refocus_sampler(clip, "cat", prompt="  ")
+    with pytest.raises(ValueError, match=r"^prompt: 80 tokens; refocusing needs the prompt to fit one 75-token"):
+        refocus_sampler(clip, "cat", prompt="cat " * 80)
+    with pytest.raises(ValueError, match=r"^thresholds: 'ten: 0.5' is not 'step: value'"):
+        refocus_sampler(clip, "cat", thresholds="0: 0.05, ten: 0.5")
+    with pytest.raises(ValueError, match=r"^thresholds: '3: 1.5' needs a step >= 0 and a value in \(0, 1\]"):
+        refocus_sampler(clip, "cat", thresholds="3: 1.5")
+    with pytest.raises(ValueError, match=r"^clip: missing"):
+        run_node(RefocusSampler, clip=None, prompt=PROMPT, subjects="cat", **REFOCUS)
+
+
+def test_without_subject_words_it_is_plain_ddim_bit_for_bit(mvdream):
+    from comfy_extras.nodes_custom_sampler import KSamplerSelect
+
+    model, clip, _ = mvdream
+    positive, negative = with_cameras(encode(clip, PROMPT)), with_cameras(encode(clip, ""))
+    (ddim,) = run_node(KSamplerSelect, sampler_name="ddim").result
+    plain = sample(model, positive, negative, ddim)
+    assert torch.equal(sample(model, positive, negative, refocus_sampler(clip, "")), plain)
+    assert torch.equal(sample(model, positive, negative, refocus_sampler(clip, "cat", refocus_steps=0)), plain)
+    refocused = refocus_sampler(clip, "cat, dog")
+    changed = sample(model, positive, negative, refocused)
+    assert (changed - plain).abs().max() > 1e-3  # refocusing moved the latent
+    report = refocused.last_report
+    assert report.steps == [0, 1] and len(report.before[0]) == 2
+    assert report.maps.shape == (4, 2, 8, 8)  # 8x8 maps of 32x32 latents, per view and subject
+
+
+def test_planted_neglected_subject_gets_more_attention_in_its_weakest_view(mvdream):
+    """Plant: the dog's text embedding is amplified so it dominates the cross-attention and the cat is neglected.
+    Refocusing (10 latent updates at the first step) must raise the cat's min over views of max attention."""
+    model, clip, _ = mvdream
+    subjects = resolve_subjects(clip, PROMPT, "cat, dog")
+    cat, dog = subjects.positions[0][0], subjects.positions[1][0]
+    with torch.inference_mode():
+        raw = encode(clip, PROMPT)
+        context = raw[0][0].clone()
+        context[:, dog] *= 3.0
+    negative = with_cameras(encode(clip, ""))
+    runs = {}
+    for name, cond in [("natural", raw), ("planted", [[context, raw[0][1]]])]:
+        sampler = refocus_sampler(clip, "cat, dog", refocus_steps=1, thresholds="0: 0.99", max_tries=10)
+        sample(model, with_cameras(cond), negative, sampler, steps=3)
+        runs[name] = sampler.last_report
+    planted = runs["planted"]
+    assert planted.before[0][0] < runs["natural"].before[0][0] - 0.03  # the plant worked: the cat is neglected
+    assert planted.before[0][0] < planted.before[0][1]
+    assert planted.tries == [10]  # 0.99 is out of reach: every try is taken
+    assert planted.refined[0][0] > planted.before[0][0] + 0.03  # ... and refocusing raised the cat's attention
+
+
+def test_refocusing_works_with_other_samplers_and_two_objects(mvdream):
+    model, clip, _ = mvdream
+    positive, negative = with_cameras(encode(clip, PROMPT)), with_cameras(encode(clip, ""))
+    for name in ("euler_ancestral", "dpmpp_2m"):
+        sampler = refocus_sampler(clip, "cat, dog", sampler_name=name, refocus_steps=1, thresholds="")
+        out = sample(model, positive, negative, sampler, steps=3, batch=8)  # two objects of four views
+        assert out.shape == (8, 4, 32, 32) and torch.isfinite(out).all()
+        assert sampler.last_report.maps.shape == (8, 2, 8, 8)
