@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from compose3d.kernels.attention import (gaussian_kernel, refocus_loss, refocus_step_size, sequence_to_views,
-                                         smooth_maps, subject_token_maps, views_to_sequence)
+from compose3d.kernels.attention import (find_subject_tokens, gaussian_kernel, parse_subjects, parse_thresholds,
+                                         refocus_loss, refocus_step_size, sequence_to_views, smooth_maps,
+                                         subject_maps, subject_token_maps, views_to_sequence)
 
 
 def test_views_are_joined_into_one_sequence_per_object_and_split_back():
@@ -79,3 +80,42 @@ def test_step_size_follows_sqrt_linspace_from_one_to_a_half():
     assert refocus_step_size(0, 25) == pytest.approx(20.0)
     assert refocus_step_size(24, 25) == pytest.approx(20 * math.sqrt(0.5))
     assert refocus_step_size(12, 25) == pytest.approx(20 * math.sqrt(0.75))
+
+
+def test_subject_list_parsing():
+    assert parse_subjects("") == [] and parse_subjects("   ") == []
+    assert parse_subjects(" cat,red hat , dog") == ["cat", "red hat", "dog"]
+    with pytest.raises(ValueError, match="^subjects: 'cat,' has an empty entry"):
+        parse_subjects("cat,")
+
+
+def test_subjects_are_found_as_whole_token_sequences_after_the_start_token():
+    prompt = [900, 1, 2, 3, 1, 4, 999]  # start, "a", "red", "hat", "a", "cat", end
+    names = ["a", "red", "hat", "a", "cat"]
+    assert find_subject_tokens(prompt, [[2, 3], [4], [1]], ["red hat", "cat", "a"], names) == [[2, 3], [5], [1]]
+    with pytest.raises(ValueError) as err:
+        find_subject_tokens(prompt, [[3, 2]], ["hat red"], names)
+    assert str(err.value) == ("subjects: 'hat red' is not in the prompt. The prompt's tokens are: "
+                              "'a', 'red', 'hat', 'a', 'cat'")
+    with pytest.raises(ValueError, match="^subjects: '!' gives no tokens"):
+        find_subject_tokens(prompt, [[]], ["!"], names)
+    with pytest.raises(ValueError, match="is not in the prompt"):  # the start token is not a word
+        find_subject_tokens(prompt, [[900]], ["<start>"], names)
+
+
+def test_a_subject_of_several_tokens_gets_the_sum_of_their_maps():
+    probs = torch.rand(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    tokens = subject_token_maps(probs, [2, 3, 5], 2, 2, last_token=7)
+    maps = subject_maps(probs, [[2, 3], [5]], 2, 2, last_token=7)
+    torch.testing.assert_close(maps[:, 0], tokens[:, 0] + tokens[:, 1])
+    torch.testing.assert_close(maps[:, 1], tokens[:, 2])
+    assert float(maps.max()) <= 1.0
+
+
+def test_threshold_schedule_parsing():
+    assert parse_thresholds("0: 0.05, 10: 0.5, 20: 0.8") == {0: 0.05, 10: 0.5, 20: 0.8}
+    assert parse_thresholds("") == {}
+    for bad, message in [("10 0.5", "is not 'step: value'"), ("-1: 0.5", "needs a step >= 0"),
+                         ("2: 0", "value in \\(0, 1\\]")]:
+        with pytest.raises(ValueError, match="^thresholds: .*" + message):
+            parse_thresholds(bad)
