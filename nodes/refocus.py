@@ -308,10 +308,10 @@ class RefocusKSampler(comfy.samplers.Sampler):
         report = RefocusReport()
         bar = comfy.utils.ProgressBar(total)
         names = self.settings.subjects.names
+        done = [0]  # steps finished, for the progress value sent with map previews
 
         def show(maps: Tensor) -> None:
-            bar.update_absolute(bar.current, total, ("JPEG", to_pil(maps_grid(maps, refocuser.views)),
-                                                     PREVIEW_MAX_PX))
+            bar.update_absolute(done[0], total, ("JPEG", to_pil(maps_grid(maps, refocuser.views)), PREVIEW_MAX_PX))
 
         def run(x, first, last, seed_offset):
             k_callback = None
@@ -327,6 +327,7 @@ class RefocusKSampler(comfy.samplers.Sampler):
             comfy.model_management.throw_exception_if_processing_interrupted()
             x = refocuser.refocus(x, sigmas[i], i, total, report, show)
             x = run(x, i, i + 1, i)
+            done[0] = i + 1
             show(report.maps)
             log.info("refocus step %d/%d: attention in the weakest view %s (%d refinement tries)", i + 1,
                      refocus_steps, ", ".join(f"{n} {a:.3f}" for n, a in zip(names, report.before[-1])),
