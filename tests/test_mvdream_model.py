@@ -156,3 +156,30 @@ def test_loaded_model_is_an_eps_sd_model_with_clip_and_vae(mvdream):
         image = vae.decode(torch.zeros(1, 4, 32, 32))
     assert cond[0][0].shape == (1, 77, 64)  # the text encoder's width feeds the UNet's cross-attention
     assert image.shape == (1, 256, 256, 3)
+
+
+def test_core_lora_loading_patches_mvdream_weights_including_camera_embed(mvdream):
+    """A LoRA in ComfyUI's diffusion_model key format (what core LoraLoaderModelOnly reads) patches W + up @ down."""
+    import comfy.model_management
+    import comfy.sd
+
+    model = mvdream[0]
+    g = torch.Generator().manual_seed(8)
+    targets = ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "camera_embed.0"]
+    lora, expected = {}, {}
+    for name in targets:
+        weight = model.model.diffusion_model.state_dict()[name + ".weight"].clone()
+        up, down = torch.randn(weight.shape[0], 2, generator=g), torch.randn(2, weight.shape[1], generator=g)
+        lora[f"diffusion_model.{name}.lora_up.weight"] = up
+        lora[f"diffusion_model.{name}.lora_down.weight"] = down
+        expected[name] = weight + 0.5 * up @ down
+    with torch.inference_mode():
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 0.5, 0.0)
+        comfy.model_management.load_models_gpu([patched], force_full_load=True)
+        weights = patched.model.diffusion_model.state_dict()
+        for name in targets:
+            torch.testing.assert_close(weights[name + ".weight"].float(), expected[name], rtol=1e-4, atol=1e-4)
+        comfy.model_management.unload_all_models()
+    torch.testing.assert_close(model.model.diffusion_model.state_dict()[targets[1] + ".weight"],
+                               expected[targets[1]] - 0.5 * lora[f"diffusion_model.{targets[1]}.lora_up.weight"]
+                               @ lora[f"diffusion_model.{targets[1]}.lora_down.weight"], rtol=1e-4, atol=1e-4)
