@@ -303,6 +303,7 @@ def load_mvdream(path: str, embedding_directory=None):
     """
     name = os.path.basename(path)
     sd, metadata = read_checkpoint(path)
+    all_keys = list(sd)
     if not any(k.startswith(UNET_PREFIX) for k in sd):
         raise CheckpointError(f"{name}: no UNet weights under '{UNET_PREFIX}'; not an LDM/MVDream checkpoint.")
     if CAMERA_EMBED_KEY not in sd:
@@ -363,8 +364,9 @@ def load_mvdream(path: str, embedding_directory=None):
 
     _check_keys("text encoder", name, [original(k) for k in missing], [original(k) for k in unexpected])
 
-    # Whatever is left was not used by any part.
-    left = [k for k in sd if k not in SCHEDULE_KEYS and not k.startswith(IGNORED_PREFIXES)]
+    # Keys outside the three parts (and not known non-weights) are unexpected.
+    parts = (UNET_PREFIX, VAE_PREFIX, config.text_prefix)
+    left = [k for k in all_keys if not k.startswith(parts + IGNORED_PREFIXES) and k not in SCHEDULE_KEYS]
     _check_keys("checkpoint", name, [], left)
 
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device,

@@ -113,7 +113,20 @@ def test_example_workflows_are_served_as_templates_with_thumbnails(comfy_server)
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
 
 
-@pytest.mark.parametrize("path", example_workflows(), ids=lambda p: p.stem)
+#: Loader nodes whose files (real weights) the test machine does not have. Workflows using them run in their own
+#: tests with the tiny models substituted (test_server_mvdream.py for the MVDream ones).
+MODEL_LOADERS = {"Compose3D_MVDreamLoader", "CheckpointLoaderSimple", "UNETLoader"}
+
+
+def runs_as_shipped(path: Path) -> bool:
+    return not any(node.get("type") in MODEL_LOADERS for node in json.loads(path.read_text())["nodes"])
+
+
+def test_workflows_that_need_model_files_are_the_mvdream_example():
+    assert [p.stem for p in example_workflows() if not runs_as_shipped(p)] == ["compose3d_refocus_4views"]
+
+
+@pytest.mark.parametrize("path", [p for p in example_workflows() if runs_as_shipped(p)], ids=lambda p: p.stem)
 def test_example_workflow_runs_over_http(comfy_server, path):
     prompt = ui_to_api(json.loads(path.read_text()), comfy_server.get_json("/object_info"))
     result = comfy_server.run(prompt)
