@@ -110,15 +110,18 @@ class AttentionCapture:
         self.probs: list[Tensor] = []
 
     def model_options(self, diffusion_model, model_options: dict) -> dict:
+        """A copy of ``model_options`` with a capturing attn2 replacement on every transformer block.
+
+        Keys are ComfyUI's most specific ones, (block, number, index in the SpatialTransformer), so they win over
+        replacements registered per block; those already installed are kept as the fallback.
+        """
         options = comfy.model_patcher.create_model_options_clone(model_options)
         options["transformer_options"] = dict(options.get("transformer_options", {}))
         existing = options["transformer_options"].get("patches_replace", {}).get("attn2", {})
-        blocks = [("input", i) for i in range(len(diffusion_model.input_blocks))] + [("middle", 0)] + \
-                 [("output", i) for i in range(len(diffusion_model.output_blocks))]
-        for name, number in blocks:
-            fallback = existing.get((name, number))
+        for name, number, index in transformer_blocks(diffusion_model):
+            fallback = existing.get((name, number, index), existing.get((name, number)))
             options = comfy.model_patcher.set_model_options_patch_replace(
-                options, self._patch(fallback), "attn2", name, number)
+                options, self._patch(fallback), "attn2", name, number, index)
         return options
 
     def _patch(self, fallback):
@@ -141,6 +144,21 @@ class AttentionCapture:
             return out.to(q.dtype)
 
         return attn2
+
+
+def transformer_blocks(diffusion_model) -> list[tuple[str, int, int]]:
+    """(block, number, index) of every BasicTransformerBlock of an SD UNet, as ComfyUI keys its attention patches."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    found = []
+    groups = [("input", i, b) for i, b in enumerate(diffusion_model.input_blocks)] + \
+             [("middle", 0, diffusion_model.middle_block)] + \
+             [("output", i, b) for i, b in enumerate(diffusion_model.output_blocks)]
+    for name, number, block in groups:
+        for layer in block:
+            if isinstance(layer, SpatialTransformer):
+                found += [(name, number, index) for index in range(len(layer.transformer_blocks))]
+    return found
 
 
 @contextlib.contextmanager
@@ -250,6 +268,10 @@ class Refocuser:
         x_new = (x.detach() - scale * grad.to(x.dtype)).detach()
         return x_new, loss.detach(), per_object.detach(), maps.detach()
 
+    def per_object(self, mask: Tensor, x: Tensor) -> Tensor:
+        """(objects,) bool -> a mask broadcastable over the latent batch x (views of an object together)."""
+        return mask.repeat_interleave(self.views).reshape(-1, *[1] * (x.ndim - 1)).to(x.device)
+
     def refocus(self, x: Tensor, sigma: Tensor, step: int, total_steps: int, report: RefocusReport,
                 show) -> Tensor:
         s = self.settings
@@ -262,9 +284,11 @@ class Refocuser:
         if threshold is not None:
             # Iterative refinement: keep updating while a subject is below the threshold in some view, then
             # take the regular update (x_new is always one update past the last measured latent).
+            # Objects of a batch are refined independently: only those still below the threshold move.
             while float(attention.min()) < threshold and tries < s.max_tries:
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                x = x_new
+                below = attention.amin(dim=1) < threshold  # (objects,)
+                x = torch.where(self.per_object(below, x), x_new, x)
                 x_new, loss, attention, maps = self.update(x, sigma, step_size)
                 tries += 1
                 show(maps)
@@ -305,6 +329,10 @@ class RefocusKSampler(comfy.samplers.Sampler):
         total = len(sigmas) - 1
         refocus_steps = min(self.settings.refocus_steps, total)
         refocuser = Refocuser(model_wrap, extra_args["model_options"], self.settings)
+        unused = sorted(k for k in self.settings.thresholds if k >= refocus_steps)
+        if unused:
+            log.warning("refocus: thresholds at steps %s are never reached (only the first %d of %d steps are "
+                        "refocused)", unused, refocus_steps, total)
         report = RefocusReport()
         bar = comfy.utils.ProgressBar(total)
         names = self.settings.subjects.names

@@ -147,3 +147,26 @@ def test_refocusing_works_with_other_samplers_and_two_objects(mvdream):
         out = sample(model, positive, negative, sampler, steps=2, batch=batch)
         assert out.shape == (batch, 4, 16, 16) and torch.isfinite(out).all()
         assert sampler.last_report.maps.shape == (batch, 2, 4, 4)
+
+
+def test_attention_patches_already_on_the_model_keep_running_during_refocus_passes(mvdream):
+    """A core attn2 replacement (per transformer block, the most specific key) stays in force where refocusing
+    does not capture (here the 16x16 level of 16x16 latents), including in the refocus passes."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    model, clip, _ = mvdream
+    calls = []
+
+    def counting(q, k, v, extra_options):
+        calls.append(tuple(extra_options["activations_shape"][-2:]))
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    patched = model.clone()
+    patched.set_model_attn2_replace(counting, "input", 1, 0)
+    positive, negative = with_cameras(encode(clip, PROMPT)), with_cameras(encode(clip, ""))
+    sample(patched, positive, negative, refocus_sampler(clip, ""), steps=2)
+    plain_calls = len(calls)
+    assert plain_calls >= 2 and set(calls) == {(16, 16)}
+    calls.clear()
+    sample(patched, positive, negative, refocus_sampler(clip, "cat", refocus_steps=1, thresholds=""), steps=2)
+    assert len(calls) == plain_calls + 1  # one more: the refocus pass of step 0

@@ -11,6 +11,7 @@ instead by having one resolution level, no middle block and a single transformer
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def _module_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def taesd_state_dict(latent_channels: int, seed: int) -> dict[str, torch.Tensor]:
     """A TAESD autoencoder (ComfyUI's tiny VAE format, keys ``taesd_encoder.*``/``taesd_decoder.*``)."""
-    init_comfy()
+    _comfy_ready()
     import comfy.taesd.taesd
 
     with torch.device("meta"):
@@ -70,7 +71,7 @@ def sd_unet_state_dict(*, context_dim: int, use_linear_in_transformer: bool, num
 
     No middle block and no output transformers: the smallest UNet ComfyUI still detects (about 13 M parameters).
     """
-    init_comfy()
+    _comfy_ready()
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -87,7 +88,7 @@ def sd_unet_state_dict(*, context_dim: int, use_linear_in_transformer: bool, num
 
 def mmdit_state_dict(*, depth: int, seed: int, pos_embed_max_size: int = 16) -> dict[str, torch.Tensor]:
     """An SD3 MMDiT (hidden size 64 * depth, ``depth`` joint blocks) in the SD3 key layout."""
-    init_comfy()
+    _comfy_ready()
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
@@ -112,29 +113,43 @@ def mvdream_camera_embed_state_dict(time_embed_dim: int, seed: int) -> dict[str,
     return fill_seeded(sd, seed)
 
 
-def mvdream_unet_state_dict(*, family: str, seed: int, context_dim: int = 64) -> dict[str, torch.Tensor]:
-    """A narrow MVDream UNet with SD's four levels (attention at the first three, like SD1.5/SD2.1).
+#: The tiny MVDream UNet's shape (ComfyUI UNetModel arguments): SD's four levels, narrow.
+TINY_MVDREAM_SHAPE = dict(model_channels=64, channel_mult=[1, 1, 2, 2], num_res_blocks=[1, 1, 1, 1],
+                          transformer_depth=[1, 1, 1, 0], transformer_depth_middle=1,
+                          transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0])
+
+
+def _comfy_ready() -> None:
+    """Import path for ComfyUI: the tests' set-up unless a caller (a benchmark) has set ComfyUI up already."""
+    if "comfy.model_management" not in sys.modules:
+        init_comfy()
+
+
+def mvdream_unet_state_dict(*, family: str, seed: int, context_dim: int = 64,
+                            shape: dict | None = None) -> dict[str, torch.Tensor]:
+    """An MVDream UNet (with ``camera_embed``), by default the tiny one: :data:`TINY_MVDREAM_SHAPE`.
 
     64 base channels, channel multipliers (1, 1, 2, 2), one res-block per level: 32x32 latents have attention at
     32x32, 16x16 and 8x8 (input blocks 1, 3, 5; output blocks 2..7; ComfyUI pops ``transformer_depth_output`` from
-    the end, so its zeros are the lowest level's output blocks 0, 1), so Attend-and-Excite's 8x8 maps exist. ``family`` "sd21": linear projections,
-    64-channel heads; "sd15": convolution projections, 8 heads. ``context_dim`` is the text encoder's width (1024
-    and 768 in the released models; narrow here, matching the narrow text encoders).
+    the end, so its zeros are the lowest level's output blocks 0, 1), so Attend-and-Excite's 8x8 maps exist.
+    ``family`` "sd21": linear projections, 64-channel heads; "sd15": convolution projections, 8 heads.
+    ``context_dim`` is the text encoder's width (1024 and 768 in the released models; narrow here, matching the
+    narrow text encoders). ``shape`` replaces the UNet shape (benchmarks build wider models).
     """
-    init_comfy()
+    _comfy_ready()
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     sd21 = family == "sd21"
+    shape = dict(TINY_MVDREAM_SHAPE if shape is None else shape)
     with torch.device("meta"):
         unet = UNetModel(
-            image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1, 1, 1],
-            channel_mult=[1, 1, 2, 2], transformer_depth=[1, 1, 1, 0], transformer_depth_middle=1,
-            transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0], context_dim=context_dim,
+            image_size=32, in_channels=4, out_channels=4, context_dim=context_dim,
             use_spatial_transformer=True, use_linear_in_transformer=sd21, num_heads=-1 if sd21 else 8,
-            num_head_channels=64 if sd21 else -1, legacy=False, operations=comfy.ops.disable_weight_init)
+            num_head_channels=64 if sd21 else -1, legacy=False, operations=comfy.ops.disable_weight_init, **shape)
     sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in unet.state_dict().items()}
-    sd.update({k: torch.empty(v.shape) for k, v in mvdream_camera_embed_state_dict(64 * 4, 0).items()})
+    width = shape["model_channels"] * 4
+    sd.update({k: torch.empty(v.shape) for k, v in mvdream_camera_embed_state_dict(width, 0).items()})
     return fill_seeded(sd, seed)
 
 
@@ -160,7 +175,7 @@ def openclip_text_state_dict(*, width: int, layers: int, seed: int, vocab: int =
 
 def clip_l_text_state_dict(*, width: int, layers: int, seed: int) -> dict[str, torch.Tensor]:
     """A CLIP text model in the HF layout of SD1.x's ``cond_stage_model.transformer.*`` (CLIP-L text, narrow)."""
-    init_comfy()
+    _comfy_ready()
     import comfy.clip_model
     import comfy.ops
 
@@ -177,17 +192,20 @@ def clip_l_text_state_dict(*, width: int, layers: int, seed: int) -> dict[str, t
     return sd
 
 
-def mvdream_checkpoint_state_dict(family: str = "sd21", seed: int = 21) -> dict[str, torch.Tensor]:
-    """A whole tiny MVDream checkpoint in the released key layout (``sd-v2.1-base-4view`` or ``sd-v1.5-4view``):
-    ``model.diffusion_model.*`` (with ``camera_embed``), ``cond_stage_model.*`` text encoder and
-    ``first_stage_model.*`` VAE (TAESD form: the KL VAE has a fixed 128-channel width in ComfyUI's detection)."""
-    sd = prefixed(UNET_PREFIX, mvdream_unet_state_dict(family=family, seed=seed))
+def mvdream_checkpoint_state_dict(family: str = "sd21", seed: int = 21, *, shape: dict | None = None,
+                                  text_width: int = 64) -> dict[str, torch.Tensor]:
+    """A whole MVDream checkpoint in the released key layout (``sd-v2.1-base-4view`` or ``sd-v1.5-4view``):
+    ``model.diffusion_model.*`` (with ``camera_embed``), ``cond_stage_model.*`` text encoder (3 layers of
+    ``text_width``) and ``first_stage_model.*`` VAE (TAESD form: the KL VAE has a fixed 128-channel width in
+    ComfyUI's detection). Tiny by default; ``shape`` as in :func:`mvdream_unet_state_dict`."""
+    sd = prefixed(UNET_PREFIX, mvdream_unet_state_dict(family=family, seed=seed, context_dim=text_width,
+                                                       shape=shape))
     sd.update(prefixed(VAE_PREFIX, taesd_state_dict(4, seed=seed + 1000)))
     if family == "sd21":
-        sd.update(prefixed("cond_stage_model.model.", openclip_text_state_dict(width=64, layers=3,
+        sd.update(prefixed("cond_stage_model.model.", openclip_text_state_dict(width=text_width, layers=3,
                                                                               seed=seed + 2000)))
     else:
-        sd.update(prefixed("cond_stage_model.transformer.", clip_l_text_state_dict(width=64, layers=3,
+        sd.update(prefixed("cond_stage_model.transformer.", clip_l_text_state_dict(width=text_width, layers=3,
                                                                                   seed=seed + 2000)))
     return sd
 
