@@ -155,7 +155,7 @@ def transformer_blocks(diffusion_model) -> list[tuple[str, int, int]]:
              [("middle", 0, diffusion_model.middle_block)] + \
              [("output", i, b) for i, b in enumerate(diffusion_model.output_blocks)]
     for name, number, block in groups:
-        for layer in block:
+        for layer in block or ():  # a UNet may have no middle block
             if isinstance(layer, SpatialTransformer):
                 found += [(name, number, index) for index in range(len(layer.transformer_blocks))]
     return found
@@ -220,6 +220,9 @@ class Refocuser:
     def __init__(self, model_wrap, model_options: dict, settings: RefocusSettings):
         self.guider = model_wrap
         self.base_model = model_wrap.inner_model
+        if not hasattr(self.base_model.diffusion_model, "input_blocks"):
+            raise ValueError(f"refocus sampler: {type(self.base_model.diffusion_model).__name__} is not an "
+                             f"SD-style UNet; refocusing works with MVDream (and SD1.x/2.x) models")
         self.settings = settings
         positive = model_wrap.conds.get("positive") or []
         if not positive:

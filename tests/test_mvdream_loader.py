@@ -130,3 +130,8 @@ def test_file_that_is_not_a_checkpoint_gets_a_clear_error(comfy_inprocess, tmp_p
     junk.write_bytes(b"not a pickle at all")
     with pytest.raises(CheckpointError, match=r"^junk\.pt: "):
         load_mvdream(str(junk))
+
+
+def test_a_checkpoint_name_that_is_not_in_the_folder_is_named(comfy_inprocess):
+    with pytest.raises(FileNotFoundError, match="nope-4view.safetensors"):
+        run_node(MVDreamLoader, ckpt_name="nope-4view.safetensors")

@@ -170,3 +170,26 @@ def test_attention_patches_already_on_the_model_keep_running_during_refocus_pass
     calls.clear()
     sample(patched, positive, negative, refocus_sampler(clip, "cat", refocus_steps=1, thresholds=""), steps=2)
     assert len(calls) == plain_calls + 1  # one more: the refocus pass of step 0
+
+
+def test_models_without_cross_attention_at_a_quarter_of_the_latent_get_clear_errors(mvdream, tiny_models):
+    import comfy.sd
+    import folder_paths
+
+    clip = mvdream[1]
+    sampler = refocus_sampler(clip, "cat", refocus_steps=1, thresholds="")
+    with torch.inference_mode():
+        sd15, _, _, _ = comfy.sd.load_checkpoint_guess_config(
+            folder_paths.get_full_path_or_raise("checkpoints", tiny_models.sd15_checkpoint), output_clip=False)
+        sd3 = comfy.sd.load_diffusion_model(
+            folder_paths.get_full_path_or_raise("diffusion_models", tiny_models.sd3_diffusion_model))
+    # the tiny SD1.5 UNet has one level: cross-attention at the latent's own size only
+    cond = [[torch.randn(1, 77, 768), {}]]
+    with pytest.raises(ValueError, match=r"^refocus sampler: the model has no cross-attention at 4x4 \(1/4 of "):
+        sample(sd15, cond, cond, sampler, steps=1, batch=1)
+    cond = [[torch.randn(1, 77, 4096), {"pooled_output": torch.randn(1, 2048)}]]
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+    with pytest.raises(ValueError, match=r"^refocus sampler: \w*MMDIT\w* is not an SD-style UNet; refocusing works with MVDream"):
+        run_node(SamplerCustom, model=sd3, add_noise=True, noise_seed=1, cfg=1.0, positive=cond, negative=cond,
+                 sampler=sampler, sigmas=torch.tensor([1.0, 0.0]),
+                 latent_image={"samples": torch.zeros(1, 16, 16, 16)})
