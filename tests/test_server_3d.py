@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from urllib.parse import urlencode
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import trimesh
 
 from comfy_execution.graph_utils import GraphBuilder
+from harness.interrupt import interrupt_at_first_progress
 
 pytestmark = pytest.mark.server
 
@@ -119,28 +119,11 @@ def test_interrupt_stops_nerf_training_within_seconds_and_the_server_keeps_servi
     g.node("Compose3D_ExportMesh", nerf=nerf.out(0), filename_prefix="c3d_never/toy", format="glb",
            resolution=48, threshold=THRESHOLD, keep_components=1, max_faces=2000, colors="none",
            texture_size=128)
-    seen: dict = {"interrupted_at": None, "ended_at": None, "progress_after": 0}
-
-    def on_message(msg, server):
-        data = msg.get("data", {})
-        if msg["type"] == "progress" and data.get("node") == nerf.id:
-            if seen["interrupted_at"] is None:
-                seen["interrupted_at"] = time.monotonic()
-                server.interrupt()
-            else:
-                seen["progress_after"] += 1
-        elif msg["type"] == "execution_interrupted":
-            seen["ended_at"] = time.monotonic()
-
-    try:
-        result = comfy_server.run(g.finalize(), timeout=120, on_message=on_message)
-    finally:
-        if seen["ended_at"] is None:
-            comfy_server.interrupt()  # never leave 100000 steps running for the next tests
+    run = interrupt_at_first_progress(comfy_server, g.finalize(), nerf.id)
+    result = run.result
     assert result.status == "interrupted"
-    assert seen["interrupted_at"] is not None and seen["ended_at"] is not None
-    assert seen["ended_at"] - seen["interrupted_at"] < 2.0
-    assert seen["progress_after"] <= 5
+    assert run.stopped_after is not None and run.stopped_after < 2.0
+    assert run.progress_after <= 5
     (stopped,) = [m["data"] for m in result.messages if m["type"] == "execution_interrupted"]
     assert stopped["node_type"] == "Compose3D_NeRFFromViews" and stopped["node_id"] == nerf.id
     assert not (comfy_server.base / "output" / "c3d_never").exists()

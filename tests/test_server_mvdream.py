@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from urllib.parse import urlencode
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image
 
 from comfy_execution.graph_utils import GraphBuilder
+from harness.interrupt import interrupt_at_first_progress
 from harness.paths import PACK_ROOT
 from workflow_api import ui_to_api
 
@@ -151,29 +151,11 @@ def test_interrupting_refocused_sampling_stops_within_seconds_and_the_server_kee
                      sigmas=sigmas.out(0), latent_image=latent.out(0))
     decode = g.node("VAEDecode", samples=sampler.out(0), vae=loader.out(2))
     g.node("SaveImage", images=decode.out(0), filename_prefix="c3d_mv_never/refocus")
-    seen: dict = {"interrupted_at": None, "ended_at": None, "progress_after": 0}
-
-    def on_message(msg, server):
-        data = msg.get("data", {})
-        if msg["type"] == "progress" and data.get("node") == sampler.id:
-            if seen["interrupted_at"] is None:
-                seen["interrupted_at"] = time.monotonic()
-                server.interrupt()
-            else:
-                seen["progress_after"] += 1
-        elif msg["type"] == "execution_interrupted":
-            seen["ended_at"] = time.monotonic()
-
-    try:
-        result = comfy_server.run(g.finalize(), timeout=120, on_message=on_message)
-    finally:
-        if seen["ended_at"] is None:
-            comfy_server.interrupt()  # never leave 1000 refinement tries running for the next tests
+    run = interrupt_at_first_progress(comfy_server, g.finalize(), sampler.id)
+    result = run.result
     assert result.status == "interrupted"
-    assert seen["interrupted_at"] is not None and seen["ended_at"] is not None
-    stopped_after = seen["ended_at"] - seen["interrupted_at"]
-    assert stopped_after < 5.0, f"stopped {stopped_after:.2f} s after the interrupt"
-    assert seen["progress_after"] <= 2
+    assert run.stopped_after is not None and run.stopped_after < 5.0, f"stopped {run.stopped_after} s after"
+    assert run.progress_after <= 2
     (stopped,) = [m["data"] for m in result.messages if m["type"] == "execution_interrupted"]
     assert stopped["node_type"] == "SamplerCustom" and stopped["node_id"] == sampler.id
     assert not (comfy_server.base / "output" / "c3d_mv_never").exists()
