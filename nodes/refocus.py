@@ -302,7 +302,10 @@ class Refocuser:
 
 
 class RefocusKSampler(comfy.samplers.Sampler):
-    """A SAMPLER that refocuses the latent before the first steps of a wrapped ComfyUI sampler."""
+    """A SAMPLER that refocuses the latent before the first steps of a wrapped ComfyUI sampler.
+
+    ``last_report`` holds the :class:`RefocusReport` of the latest sampling run (for benchmarks and tests).
+    """
 
     def __init__(self, base: comfy.samplers.KSAMPLER, settings: RefocusSettings | None):
         self.base = base

@@ -193,3 +193,25 @@ def test_models_without_cross_attention_at_a_quarter_of_the_latent_get_clear_err
         run_node(SamplerCustom, model=sd3, add_noise=True, noise_seed=1, cfg=1.0, positive=cond, negative=cond,
                  sampler=sampler, sigmas=torch.tensor([1.0, 0.0]),
                  latent_image={"samples": torch.zeros(1, 16, 16, 16)})
+
+
+def test_refinement_moves_only_the_objects_below_the_threshold(mvdream):
+    """Two objects in one batch, the cat neglected (planted) only in object 0: the refinement tries change object
+    0's result and leave object 1 (above the threshold) exactly as with no tries."""
+    model, clip, _ = mvdream
+    dog = resolve_subjects(clip, PROMPT, "cat, dog").positions[1][0]
+    with torch.inference_mode():
+        raw = encode(clip, PROMPT)
+        planted = raw[0][0].clone()
+        planted[:, dog] *= 3.0
+        per_view = torch.cat([planted.repeat(4, 1, 1), raw[0][0].repeat(4, 1, 1)])  # (8, 77, C)
+    positive, negative = with_cameras([[per_view, raw[0][1]]]), with_cameras(encode(clip, ""))
+    outputs, tries = {}, {}
+    for max_tries in (0, 3):
+        sampler = refocus_sampler(clip, "cat, dog", refocus_steps=1, thresholds="0: 0.1", max_tries=max_tries)
+        outputs[max_tries] = sample(model, positive, negative, sampler, steps=1, batch=8, size=32)
+        tries[max_tries] = sampler.last_report.tries[0]
+    assert tries[0] == 0 and tries[3] >= 1
+    moved = (outputs[3] - outputs[0]).abs().flatten(1).amax(dim=1)
+    assert float(moved[:4].min()) > 1e-3  # object 0's views were refined
+    assert float(moved[4:].max()) == 0.0  # object 1's were not
