@@ -102,12 +102,17 @@ class AttentionCapture:
     """attn2 replacements that compute cross-attention explicitly at one resolution and keep its probabilities.
 
     Blocks at other resolutions run ComfyUI's attention (or the replacement already installed there).
-    ``probs`` collects (B, h*w, T) head-averaged probabilities, one entry per captured layer.
+    ``probs`` collects (B, h*w, T) head-averaged probabilities, one entry per captured layer; :meth:`start` sets
+    the resolution and clears them before each pass.
     """
 
-    def __init__(self, height: int, width: int):
-        self.height, self.width = height, width
+    def __init__(self):
+        self.height, self.width = 0, 0
         self.probs: list[Tensor] = []
+
+    def start(self, height: int, width: int) -> None:
+        self.height, self.width = height, width
+        self.probs = []
 
     def model_options(self, diffusion_model, model_options: dict) -> dict:
         """A copy of ``model_options`` with a capturing attn2 replacement on every transformer block.
@@ -218,7 +223,6 @@ class Refocuser:
     """Measures the refocusing loss of a latent and moves the latent down its gradient."""
 
     def __init__(self, model_wrap, model_options: dict, settings: RefocusSettings):
-        self.guider = model_wrap
         self.base_model = model_wrap.inner_model
         if not hasattr(self.base_model.diffusion_model, "input_blocks"):
             raise ValueError(f"refocus sampler: {type(self.base_model.diffusion_model).__name__} is not an "
@@ -230,7 +234,8 @@ class Refocuser:
         self.positive = positive
         cams = positive[0].get(CAMERA_KEY)
         self.views = 1 if cams is None else int(cams.shape[0])
-        self.model_options = model_options
+        self.capture = AttentionCapture()
+        self.model_options = self.capture.model_options(self.base_model.diffusion_model, model_options)
 
     def measure(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Loss (summed over objects), per-object per-subject attention (B/V, K), smoothed maps (B, K, h, w).
@@ -239,14 +244,15 @@ class Refocuser:
         """
         s = self.settings
         height, width = x.shape[-2] // 4, x.shape[-1] // 4
-        capture = AttentionCapture(height, width)
-        options = capture.model_options(self.base_model.diffusion_model, self.model_options)
+        capture = self.capture
+        capture.start(height, width)
         timestep = sigma.reshape(1).expand(x.shape[0]).clone()
-        comfy.samplers.calc_cond_batch(self.base_model, [self.positive], x, timestep, options)
+        comfy.samplers.calc_cond_batch(self.base_model, [self.positive], x, timestep, self.model_options)
         if not capture.probs:
             raise ValueError(f"refocus sampler: the model has no cross-attention at {height}x{width} (1/4 of the "
                              f"latent); refocusing needs an SD-style UNet such as MVDream's")
         probs = torch.stack(capture.probs).mean(dim=0)  # (B, h*w, T), averaged over layers (and heads)
+        capture.probs = []  # hold no graph between passes
         if probs.shape[0] % self.views:
             raise ValueError(f"refocus sampler: a batch of {probs.shape[0]} is not a multiple of "
                              f"{self.views} views")
