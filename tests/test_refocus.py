@@ -119,8 +119,7 @@ def test_planted_neglected_subject_gets_more_attention_in_its_weakest_view(mvdre
     Refocusing (latent updates at the first step) must raise the cat's min over views of max attention.
     32x32 latents, so the maps are MVDream's 8x8."""
     model, clip, _ = mvdream
-    subjects = resolve_subjects(clip, PROMPT, "cat, dog")
-    cat, dog = subjects.positions[0][0], subjects.positions[1][0]
+    dog = resolve_subjects(clip, PROMPT, "cat, dog").positions[1][0]
     with torch.inference_mode():
         raw = encode(clip, PROMPT)
         context = raw[0][0].clone()
