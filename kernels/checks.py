@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from numbers import Real
 
 
@@ -39,3 +41,59 @@ def check_int_range(name: str, value: int, low: int, high: int) -> int:
     if not low <= v <= high:
         raise ValueError(f"{name}: expected a whole number in [{low}, {high}], got {v}")
     return v
+
+
+def _shown_options(options: Sequence, limit: int = 20) -> str:
+    shown = ", ".join(repr(o) for o in list(options)[:limit])
+    more = len(options) - limit
+    return shown + (f" ... and {more} more" if more > 0 else "")
+
+
+def check_choice(name: str, value, options: Sequence, *, what: str = "option") -> object:
+    """Return ``value`` if it is one of ``options``; else ValueError naming ``name`` and listing the options.
+
+    >>> check_choice("format", "glb", ["glb", "obj"])
+    'glb'
+    """
+    if any(type(value) is type(option) and value == option for option in options):  # True is not 1
+        return value
+    if not options:
+        raise ValueError(f"{name}: {value!r} cannot be chosen: there is no {what} to choose from")
+    raise ValueError(f"{name}: {value!r} is not one of the {what}s: {_shown_options(options)}")
+
+
+#: Characters never allowed in a file name we write: ASCII control characters and the ones Windows reserves.
+_CONTROL = {chr(c) for c in range(32)} | {"\x7f"}
+_RESERVED = set('<>:"|?*')
+
+
+def check_file_name(name: str, text: str) -> str:
+    """Return ``text`` stripped, if it can name a file (or a ``folder/file`` prefix) inside an output folder.
+
+    Refused, with a ValueError naming ``name``: non-strings, empty text, control characters (newlines, tabs,
+    NUL...), characters Windows reserves (``<>:"|?*``), absolute paths (``/x``, ``C:\\x``, ``\\\\server``) and
+    ``..`` parts, which would leave the folder.
+
+    >>> check_file_name("filename_prefix", " Compose3D/mesh ")
+    'Compose3D/mesh'
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{name}: expected text, got {type(text).__name__} {text!r}")
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError(f"{name}: empty; give a name such as 'Compose3D/mesh'")
+    bad = sorted({c for c in stripped if c in _CONTROL})
+    if bad:
+        codes = ", ".join(f"U+{ord(c):04X}" for c in bad)
+        raise ValueError(f"{name}: {text!r} contains control characters ({codes}); file names may hold only "
+                         f"printable characters")
+    if stripped.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", stripped):
+        raise ValueError(f"{name}: {text!r} is an absolute path; give a path relative to the output folder, "
+                         f"such as 'Compose3D/mesh'")
+    reserved = sorted({c for c in stripped if c in _RESERVED})
+    if reserved:
+        raise ValueError(f"{name}: {text!r} contains {' '.join(reserved)}, which file names may not hold on "
+                         f"every system; use letters, digits, '-', '_', '.' and '/' for folders")
+    if ".." in stripped.replace("\\", "/").split("/"):
+        raise ValueError(f"{name}: {text!r} contains '..'; files must stay inside the output folder")
+    return stripped

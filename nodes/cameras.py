@@ -8,9 +8,10 @@ from comfy_api.latest import io, ui
 from ..kernels.cameras import MAX_VIEWS, concat_cameras, orbit_cameras
 from ..kernels.rig_preview import draw_rig
 from .types import CATEGORY, CamerasType
+from .validation import Compose3DNode
 
 
-class OrbitCameras(io.ComfyNode):
+class OrbitCameras(Compose3DNode):
     """N cameras on a circle around the object, all looking at its centre (MVDream's camera layout)."""
 
     @classmethod
@@ -47,7 +48,7 @@ class OrbitCameras(io.ComfyNode):
         return io.NodeOutput(cameras)
 
 
-class CombineCameras(io.ComfyNode):
+class CombineCameras(Compose3DNode):
     """Two rigs as one (e.g. rings at two elevations for better coverage)."""
 
     @classmethod
@@ -78,7 +79,7 @@ def cameras_summary(cameras) -> dict:
     }
 
 
-class PreviewCameras(io.ComfyNode):
+class PreviewCameras(Compose3DNode):
     """Shows a camera rig: a top and a front view of where each camera is and where it looks."""
 
     @classmethod

@@ -1,7 +1,7 @@
 """Mesh exporter node: NeRF density -> clean, coloured mesh file in ComfyUI's output folder."""
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath
 
 import torch
 from comfy_api.latest import Types, io
@@ -12,22 +12,10 @@ from ..kernels.mesh import (MESH_FORMATS, bake_uv_texture, bake_vertex_colors, c
                             simplify_mesh, write_mesh)
 from .common import Progress
 from .types import CATEGORY, NeRFType
+from .validation import Compose3DNode, file_name_input
 
 COLOR_MODES = ("texture", "vertex", "none")
 SEAL_FRACTION = 0.02
-
-
-def check_filename_prefix(prefix: str) -> str:
-    """The prefix, if it stays inside the output folder; else ValueError naming ``filename_prefix``."""
-    text = prefix.strip()
-    if not text:
-        raise ValueError("filename_prefix: empty; give a name such as 'Compose3D/mesh'")
-    if text.startswith(("/", "\\")) or PureWindowsPath(text).anchor or PurePosixPath(text).is_absolute():
-        raise ValueError(f"filename_prefix: {prefix!r} is an absolute path; give a path relative to the output "
-                         f"folder, such as 'Compose3D/mesh'")
-    if ".." in text.replace("\\", "/").split("/"):
-        raise ValueError(f"filename_prefix: {prefix!r} contains '..'; files must stay inside the output folder")
-    return text
 
 
 def core_mesh(mesh) -> Types.MESH:
@@ -37,7 +25,7 @@ def core_mesh(mesh) -> Types.MESH:
     return Types.MESH(vertices, faces)
 
 
-class ExportMesh(io.ComfyNode):
+class ExportMesh(Compose3DNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -50,7 +38,7 @@ class ExportMesh(io.ComfyNode):
                         "Preview3D to look at it.",
             inputs=[
                 NeRFType.Input("nerf"),
-                io.String.Input("filename_prefix", default="Compose3D/mesh",
+                file_name_input("filename_prefix", default="Compose3D/mesh",
                                 tooltip="Relative to the output folder; a counter and the extension are added."),
                 io.Combo.Input("format", options=list(MESH_FORMATS), default="glb"),
                 io.Int.Input("resolution", default=256, min=32, max=1024, step=8,
@@ -75,7 +63,6 @@ class ExportMesh(io.ComfyNode):
     @classmethod
     def execute(cls, nerf, filename_prefix, format, resolution, threshold, keep_components, max_faces, colors,
                 texture_size) -> io.NodeOutput:
-        prefix = check_filename_prefix(filename_prefix)
         progress = Progress(4)
         field = nerf.field
         with torch.no_grad():
@@ -95,7 +82,7 @@ class ExportMesh(io.ComfyNode):
                 mesh = bake_vertex_colors(mesh, color_fn)
             progress.update(3)
         output_dir = folder_paths.get_output_directory()
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir)
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         filename = f"{name}_{counter:05}_.{format}"
         write_mesh(mesh, Path(folder) / filename, format)
         progress.update(4)

@@ -9,9 +9,10 @@ from comfy_api.latest import io
 
 from .mvdream_model import CAMERA_KEY, load_mvdream
 from .types import CATEGORY, CamerasType
+from .validation import Compose3DNode
 
 
-class MVDreamLoader(io.ComfyNode):
+class MVDreamLoader(Compose3DNode):
     """MVDream checkpoint -> MODEL (multi-view UNet), CLIP and VAE, all under ComfyUI's model management."""
 
     @classmethod
@@ -43,7 +44,7 @@ class MVDreamLoader(io.ComfyNode):
         return io.NodeOutput(model, clip, vae)
 
 
-class MVDreamConditioning(io.ComfyNode):
+class MVDreamConditioning(Compose3DNode):
     """Attach a camera rig to a conditioning so an MVDream MODEL generates one view per camera."""
 
     @classmethod

@@ -22,7 +22,6 @@ import functools
 import json
 import logging
 import os
-import pickle
 
 import torch
 from torch import nn
@@ -43,6 +42,7 @@ from comfy.ldm.modules.attention import BasicTransformerBlock, CrossAttention
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..kernels.attention import sequence_to_views, views_to_sequence
+from .validation import ModelFileError, read_model_file
 
 #: CONDITIONING key holding the (V, 16) MVDream camera vectors of one object's V views.
 CAMERA_KEY = "c3d_mvdream_cameras"
@@ -65,12 +65,7 @@ IGNORED_PREFIXES = ("model_ema.",)
 #: Text-encoder keys that the released files carry but ComfyUI's text model does not use.
 UNUSED_TEXT_KEYS = ("logit_scale", "position_ids", "attn_mask")
 
-CONVERT_HINT = (
-    "To use a pickled checkpoint that you trust, convert it once to .safetensors with "
-    "'python scripts/convert_to_safetensors.py <file>' (from the Compose3D folder) and pick the new file.")
-
-
-class CheckpointError(ValueError):
+class CheckpointError(ModelFileError):
     """A checkpoint that cannot be loaded as MVDream; the message says why and what to do."""
 
 
@@ -226,33 +221,6 @@ class MVDreamSD15(comfy.supported_models.SD15):
 
 # ---------------------------------------------------------------------------------------------- file reading
 
-def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Tensors (and safetensors metadata) of a checkpoint file; pickles are read as tensors only.
-
-    ``.pt``/``.ckpt``/``.pth``/``.bin`` go through ``torch.load(weights_only=True)``: a pickle that would build any
-    other Python object (and so could run code) is refused before anything of it runs.
-    """
-    name = os.path.basename(path)
-    if path.lower().endswith((".safetensors", ".sft")):
-        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-        return sd, metadata
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{name}: refused to load. The pickle holds Python objects other than tensors, which could run code "
-            f"when loaded, so only tensors are read (torch.load weights_only=True). {CONVERT_HINT}\n"
-            f"Details: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}).") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{name}: holds a {type(data).__name__}, not a state dict of tensors.")
-    sd = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    return sd, None
-
-
 def _name_keys(keys, limit: int = 12) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
@@ -302,7 +270,7 @@ def load_mvdream(path: str, embedding_directory=None):
         CheckpointError: unreadable/unsafe file, not MVDream, or missing/unexpected keys (named).
     """
     name = os.path.basename(path)
-    sd, metadata = read_checkpoint(path)
+    sd, metadata = read_model_file(path)
     all_keys = list(sd)
     if not any(k.startswith(UNET_PREFIX) for k in sd):
         raise CheckpointError(f"{name}: no UNet weights under '{UNET_PREFIX}'; not an LDM/MVDream checkpoint.")

@@ -12,6 +12,7 @@ from ..kernels.reconstruct import FitSettings, StepInfo, fit_views
 from ..kernels.renderer import RenderSettings, render_views
 from .common import BACKGROUNDS, Progress, compute_device
 from .types import CATEGORY, CamerasType, NeRFType
+from .validation import Compose3DNode
 
 PREVIEW_SIZE = 128
 
@@ -46,7 +47,7 @@ def preview_render(nerf: NeRF, cameras: Cameras, size: int = PREVIEW_SIZE) -> to
     return out["rgb"][0]
 
 
-class NeRFFromViews(io.ComfyNode):
+class NeRFFromViews(Compose3DNode):
     """Sparse-view reconstruction (Grounded-Dreamer's stage 2, without a diffusion prior)."""
 
     @classmethod
@@ -117,7 +118,7 @@ class NeRFFromViews(io.ComfyNode):
         return io.NodeOutput(result)
 
 
-class RenderNeRF(io.ComfyNode):
+class RenderNeRF(Compose3DNode):
     """Renders a NeRF from cameras: colour, normals, opacity and depth."""
 
     @classmethod

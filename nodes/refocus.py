@@ -34,6 +34,7 @@ from ..kernels.attention import (find_subject_tokens, parse_subjects, parse_thre
 from .common import PREVIEW_MAX_PX, to_pil
 from .mvdream_model import CAMERA_KEY
 from .types import CATEGORY
+from .validation import Compose3DNode
 
 log = logging.getLogger("compose3d.refocus")
 
@@ -392,7 +393,7 @@ def maps_grid(maps: Tensor, views: int, cell: int = 96) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------------- node
 
-class RefocusSampler(io.ComfyNode):
+class RefocusSampler(Compose3DNode):
     """SAMPLER: DDIM (or any sampler) with Grounded-Dreamer's multi-view attention refocusing."""
 
     @classmethod
@@ -433,8 +434,6 @@ class RefocusSampler(io.ComfyNode):
     @classmethod
     def execute(cls, clip, prompt: str, subjects: str, sampler_name: str, refocus_steps: int, step_size: float,
                 thresholds: str, max_tries: int, smoothing_sigma: float) -> io.NodeOutput:
-        if clip is None:
-            raise ValueError("clip: missing; connect the CLIP output of the checkpoint loader")
         resolved = resolve_subjects(clip, prompt, subjects)
         parsed = parse_thresholds(thresholds)
         settings = None

@@ -6,10 +6,11 @@ from comfy_api.latest import io
 from ..kernels.test_object import render_test_object
 from .common import BACKGROUNDS
 from .types import CATEGORY, CamerasType
+from .validation import Compose3DNode
 
 
 
-class TestObjectViews(io.ComfyNode):
+class TestObjectViews(Compose3DNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

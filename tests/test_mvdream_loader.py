@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from compose3d.nodes.mvdream import MVDreamLoader
 from compose3d.nodes.mvdream_model import CheckpointError, load_mvdream
+from compose3d.nodes.validation import InputError, ModelFileError
 from harness.inprocess import run_node
 from harness.tiny_models import mvdream_checkpoint_state_dict
 
@@ -67,7 +68,7 @@ def test_pickle_that_would_run_code_is_refused_without_running_it(comfy_inproces
     torch.save({"state_dict": {"model.diffusion_model.camera_embed.0.weight": torch.zeros(2)},
                 "payload": CodeOnUnpickle(marker)}, evil)
     assert not marker.exists()
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(ModelFileError) as err:
         load_mvdream(str(evil))
     assert not marker.exists()  # nothing of the pickle ran
     message = str(err.value)
@@ -128,10 +129,11 @@ def test_plain_sd_checkpoint_is_rejected_with_a_pointer_to_the_core_loader(comfy
 def test_file_that_is_not_a_checkpoint_gets_a_clear_error(comfy_inprocess, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a pickle at all")
-    with pytest.raises(CheckpointError, match=r"^junk\.pt: "):
+    with pytest.raises(ModelFileError, match=r"^junk\.pt: not a readable PyTorch checkpoint .*download or copy it again"):
         load_mvdream(str(junk))
 
 
-def test_a_checkpoint_name_that_is_not_in_the_folder_is_named(comfy_inprocess):
-    with pytest.raises(FileNotFoundError, match="nope-4view.safetensors"):
+def test_a_checkpoint_name_that_is_not_in_the_folder_is_named_with_the_files_there(comfy_inprocess, tiny_models):
+    with pytest.raises(InputError, match=r"^ckpt_name: 'nope-4view.safetensors' is not one of the options: .*"
+                                         + tiny_models.mvdream_checkpoint):
         run_node(MVDreamLoader, ckpt_name="nope-4view.safetensors")

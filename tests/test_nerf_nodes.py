@@ -256,7 +256,12 @@ def test_export_mesh_obj_writes_obj_mtl_and_png_next_to_each_other(trained, comf
     ("\\escape", "is an absolute path"),
     ("", "empty"),
     ("   ", "empty"),
-], ids=["parent", "nested-parent", "posix-absolute", "windows-absolute", "windows-root", "empty", "blank"])
+    ("mesh\nname", "contains control characters (U+000A)"),
+    ("mesh\x00", "contains control characters (U+0000)"),
+    ("a\tb\x1b", "contains control characters (U+0009, U+001B)"),
+    ("mesh?*", "contains * ?, which file names may not hold on every system"),
+], ids=["parent", "nested-parent", "posix-absolute", "windows-absolute", "windows-root", "empty", "blank",
+        "newline", "nul", "tab-escape", "reserved"])
 def test_export_mesh_refuses_a_prefix_leaving_the_output_folder_and_writes_nothing(
         trained, comfy_inprocess, prefix, reason):
     watched = comfy_inprocess.parent  # the output folder, its parent and their siblings
