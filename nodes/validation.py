@@ -71,30 +71,19 @@ def _instance_of(kind: Callable[[], type]) -> Callable[[Any], str | None]:
     return check
 
 
-def _image_batch(value) -> str | None:
-    """IMAGE: (B, H, W, C) float tensor, C in 1..4, finite."""
-    if not isinstance(value, torch.Tensor):
-        return f"got {_describe(value)}"
-    if value.ndim != 4 or not 1 <= value.shape[-1] <= 4 or 0 in value.shape:
-        return f"got a tensor of shape {tuple(value.shape)}; IMAGE batches are (B, H, W, C)"
-    if not value.is_floating_point():
-        return f"got a {value.dtype} tensor; IMAGE batches are floating point in [0, 1]"
-    if not bool(torch.isfinite(value).all()):
-        return "got an image batch holding NaN or infinite values"
-    return None
-
-
-def _mask_batch(value) -> str | None:
-    """MASK: (B, H, W) or (H, W) float tensor, finite."""
-    if not isinstance(value, torch.Tensor):
-        return f"got {_describe(value)}"
-    if value.ndim not in (2, 3) or 0 in value.shape:
-        return f"got a tensor of shape {tuple(value.shape)}; masks are (B, H, W) or (H, W)"
-    if not value.is_floating_point():
-        return f"got a {value.dtype} tensor; masks are floating point in [0, 1]"
-    if not bool(torch.isfinite(value).all()):
-        return "got a mask holding NaN or infinite values"
-    return None
+def _float_tensor(kinds: str, layout: str, one: str, shape_ok: Callable[[torch.Size], bool]):
+    """A check for tensors of ``layout`` (e.g. IMAGE batches (B, H, W, C)) holding finite floats."""
+    def check(value) -> str | None:
+        if not isinstance(value, torch.Tensor):
+            return f"got {_describe(value)}"
+        if not shape_ok(value.shape) or 0 in value.shape:
+            return f"got a tensor of shape {tuple(value.shape)}; {kinds} are {layout}"
+        if not value.is_floating_point():
+            return f"got a {value.dtype} tensor; {kinds} are floating point in [0, 1]"
+        if not bool(torch.isfinite(value).all()):
+            return f"got {one} holding NaN or infinite values"
+        return None
+    return check
 
 
 def _conditioning(value) -> str | None:
@@ -121,8 +110,11 @@ def _comfy_class(module: str, name: str) -> Callable[[], type]:
 SOCKETS: dict[str, Socket] = {
     "C3D_CAMERAS": Socket("a camera rig (e.g. from Orbit Cameras)", _instance_of(lambda: Cameras)),
     "C3D_NERF": Socket("a NeRF (e.g. from NeRF From Views)", _instance_of(lambda: NeRF)),
-    "IMAGE": Socket("an IMAGE batch (B, H, W, C) with values in [0, 1]", _image_batch),
-    "MASK": Socket("a MASK (B, H, W) with values in [0, 1]", _mask_batch),
+    "IMAGE": Socket("an IMAGE batch (B, H, W, C) with values in [0, 1]",
+                    _float_tensor("IMAGE batches", "(B, H, W, C)", "an image batch",
+                                  lambda shape: len(shape) == 4 and 1 <= shape[-1] <= 4)),
+    "MASK": Socket("a MASK (B, H, W) with values in [0, 1]",
+                   _float_tensor("masks", "(B, H, W) or (H, W)", "a mask", lambda shape: len(shape) in (2, 3))),
     "CONDITIONING": Socket("a CONDITIONING (e.g. from CLIP Text Encode)", _conditioning),
     "CLIP": Socket("a CLIP text encoder (e.g. from a checkpoint loader)", _instance_of(_comfy_class("comfy.sd", "CLIP"))),
     "VAE": Socket("a VAE (e.g. from a checkpoint loader)", _instance_of(_comfy_class("comfy.sd", "VAE"))),
