@@ -129,7 +129,8 @@ def test_plain_sd_checkpoint_is_rejected_with_a_pointer_to_the_core_loader(comfy
 def test_file_that_is_not_a_checkpoint_gets_a_clear_error(comfy_inprocess, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a pickle at all")
-    with pytest.raises(ModelFileError, match=r"^junk\.pt: not a readable PyTorch checkpoint .*download or copy it again"):
+    with pytest.raises(ModelFileError,
+                       match=r"^junk\.pt: not a readable PyTorch checkpoint .*download or copy it again"):
         load_mvdream(str(junk))
 
 
