@@ -307,3 +307,22 @@ def test_judge_rejects_a_bare_python_error_and_an_unnamed_message():
     assert judge("N", "format", "1", Result("ValueError", "unknown format 'gltf'")).startswith("ValueError does")
     assert judge("N", "format", "1", Result("custom_nodes.compose3d.nodes.validation.InputError",
                                             "format: 'gltf' is not one of the options: 'glb', 'obj'")) is None
+
+
+def test_a_bad_input_after_a_long_node_loses_nothing_the_fixed_prompt_reuses_its_result(comfy_server,
+                                                                                       object_info, tiny_models):
+    """A wrong dropdown value in Export Mesh is reported before Export Mesh works; the trained NeRF upstream
+    is kept in ComfyUI's cache, so the corrected prompt does not train it again."""
+    info = object_info["Compose3D_ExportMesh"]
+    bad, export_id = build("Compose3D_ExportMesh", info, tiny_models, {"format": constant("gltf")})
+    failed = comfy_server.run(bad, timeout=240)
+    assert failed.status == "error"
+    assert failed.error["exception_message"].strip() == "format: 'gltf' is not one of the options: 'glb', 'obj', 'ply'"
+    nerf_id = next(i for i, n in bad.items() if n["class_type"] == "Compose3D_NeRFFromViews")
+    good, _ = build("Compose3D_ExportMesh", info, tiny_models, {"format": constant("obj")})
+    fixed = comfy_server.run(good, timeout=240)
+    assert fixed.status == "success", fixed.error
+    cached = [m["data"]["nodes"] for m in fixed.messages if m["type"] == "execution_cached"]
+    assert cached and nerf_id in cached[0]
+    assert [p for p in fixed.progress(nerf_id)] == []  # the NeRF did not train again
+    assert fixed.outputs[export_id]["3d"][0]["filename"].endswith(".obj")
