@@ -6,6 +6,7 @@ composited over the NeRF's background where the mask is 0.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,7 +18,7 @@ from .background import SolidBackground
 from .cameras import Cameras
 from .nerf import NeRF
 from .rays import camera_rays
-from .renderer import render_rays
+from .renderer import render_rays, rays_per_chunk
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,15 @@ def composite_targets(images: Tensor, masks: Tensor | None, background_rgb: Tens
 
 
 def fit_views(nerf: NeRF, images: Tensor, cameras: Cameras, masks: Tensor | None = None,
-              settings: FitSettings = FitSettings(), on_step: Callable[[StepInfo], None] | None = None) -> NeRF:
+              settings: FitSettings = FitSettings(), on_step: Callable[[StepInfo], None] | None = None,
+              check_interrupt: Callable[[], None] | None = None) -> NeRF:
     """Train ``nerf`` in place on ``images`` (N, H, W, 3) in [0, 1] seen by ``cameras`` (N views).
 
-    ``masks`` (N, H, W) in [0, 1] or None. ``on_step`` is called after every step (it may raise to stop; the
-    NeRF then holds the last finished step). Continues from ``nerf.training`` if it holds optimiser state.
-    Returns ``nerf``.
+    ``masks`` (N, H, W) in [0, 1] or None. ``on_step`` is called after every step. A step's rays are rendered
+    in chunks of at most :data:`renderer.CHUNK_SAMPLES` samples whose gradients add up to the whole batch's
+    (memory stays bounded for any ``rays_per_step``); ``check_interrupt`` is called before each chunk and each
+    piece of an occupancy update. Either may raise to stop: the NeRF then holds the last finished step.
+    Continues from ``nerf.training`` if it holds optimiser state. Returns ``nerf``.
     """
     device = nerf.device
     gen = torch.Generator().manual_seed(settings.seed + nerf.steps_trained)
@@ -90,27 +94,50 @@ def fit_views(nerf: NeRF, images: Tensor, cameras: Cameras, masks: Tensor | None
         if start == 0:
             nerf.occupancy.carve(cameras.c2w, cameras.pixel_intrinsics(h, w), masks.float().cpu())
         warmup = 0
+    samples = nerf.render.samples_per_ray
+    chunk = rays_per_chunk(samples)
+    density = nerf.field.density
+    if check_interrupt is not None:
+        def density(points: Tensor) -> Tensor:
+            check_interrupt()
+            return nerf.field.density(points)
     nerf.field.train()
     for i in range(settings.steps):
         step = start + i
         if step >= warmup and step % settings.occupancy_interval == 0 and step > 0:
             fraction = 1.0 if step == max(warmup, settings.occupancy_interval) else 0.25
-            nerf.occupancy.update(nerf.field.density, threshold, fraction=fraction, generator=gen)
+            nerf.occupancy.update(density, threshold, fraction=fraction, generator=gen)
         pick = torch.randint(0, origins.shape[0], (settings.rays_per_step,), generator=gen)
-        out = render_rays(nerf.field, nerf.background, origins[pick].to(device), directions[pick].to(device),
-                          nerf.render.samples_per_ray, occupancy=nerf.occupancy if step >= warmup else None,
-                          perturb=True, generator=gen)
-        target = targets[pick].to(device)
-        mse = F.mse_loss(out["rgb"], target)
-        loss = mse
-        if mask_flat is not None and settings.mask_weight > 0:
-            loss = loss + settings.mask_weight * F.mse_loss(out["opacity"], mask_flat[pick].to(device))
+        jitter = torch.rand(settings.rays_per_step, samples, generator=gen)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = mse = 0.0
+        for rays in torch.arange(settings.rays_per_step).split(chunk):
+            if check_interrupt is not None:
+                check_interrupt()
+            chunk_mse, chunk_loss = _chunk_loss(nerf, origins, directions, targets, mask_flat, pick[rays],
+                                                jitter[rays], step >= warmup, settings.mask_weight)
+            share = len(rays) / settings.rays_per_step  # the batch's mean is the share-weighted chunk means
+            (chunk_loss * share).backward()
+            loss, mse = loss + float(chunk_loss.detach()) * share, mse + float(chunk_mse.detach()) * share
         optimizer.step()
         nerf.training = {"steps": step + 1, "optimizer": optimizer.state_dict()}
         if on_step is not None:
-            on_step(StepInfo(i + 1, settings.steps, float(loss.detach()),
-                             float(-10.0 * torch.log10(mse.detach().clamp_min(1e-10)))))
+            on_step(StepInfo(i + 1, settings.steps, loss, -10.0 * math.log10(max(mse, 1e-10))))
     nerf.field.eval()
     return nerf
+
+
+def _chunk_loss(nerf: NeRF, origins: Tensor, directions: Tensor, targets: Tensor, masks: Tensor | None,
+                pick: Tensor, jitter: Tensor, skip_empty: bool, mask_weight: float) -> tuple[Tensor, Tensor]:
+    """Photometric MSE and total loss of the rays ``pick`` (R,) of the flattened views, sampled at ``jitter``
+    (R, S). origins/directions/targets: (P, 3) on the CPU; masks (P, 1) or None. Differentiable w.r.t. the
+    field (and a learned background)."""
+    device = nerf.device
+    out = render_rays(nerf.field, nerf.background, origins[pick].to(device), directions[pick].to(device),
+                      nerf.render.samples_per_ray, occupancy=nerf.occupancy if skip_empty else None,
+                      jitter=jitter)
+    mse = F.mse_loss(out["rgb"], targets[pick].to(device))
+    loss = mse
+    if masks is not None and mask_weight > 0:
+        loss = loss + mask_weight * F.mse_loss(out["opacity"], masks[pick].to(device))
+    return mse, loss

@@ -1,11 +1,21 @@
-"""Small pieces every Compose3D node module uses: devices, progress with previews, image conversions."""
+"""Small pieces every Compose3D node module uses: devices, progress with previews and interrupts, image conversions.
+
+Interrupts: ComfyUI's Cancel sets a flag that only code polling it sees. Long loops poll it through
+:func:`check_interrupt` inside each step as well as between steps (kernels take it as a ``check_interrupt``
+callable; field functions handed to kernels are wrapped with :func:`interruptible`), so a Cancel is answered
+within a fraction of a second even when one step takes minutes.
+"""
 from __future__ import annotations
+
+from typing import Callable, TypeVar
 
 import torch
 from PIL import Image
 
 import comfy.model_management
 import comfy.utils
+
+T = TypeVar("T")
 
 PREVIEW_MAX_PX = 512
 
@@ -24,6 +34,19 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel (cheap: a lock and a flag)."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def interruptible(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` that first checks for an interrupt on every call (for field functions kernels call per chunk)."""
+    def checked(*args, **kwargs):
+        check_interrupt()
+        return fn(*args, **kwargs)
+    return checked
+
+
 class Progress:
     """A ComfyUI progress bar whose updates are also interrupt points; previews are optional."""
 
@@ -32,6 +55,6 @@ class Progress:
         self.bar = comfy.utils.ProgressBar(total)
 
     def update(self, value: int, preview: torch.Tensor | None = None) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        check_interrupt()
         shown = None if preview is None else ("JPEG", to_pil(preview), PREVIEW_MAX_PX)
         self.bar.update_absolute(value, self.total, shown)

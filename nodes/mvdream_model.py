@@ -42,6 +42,7 @@ from comfy.ldm.modules.attention import BasicTransformerBlock, CrossAttention
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..kernels.attention import sequence_to_views, views_to_sequence
+from .common import check_interrupt
 from .validation import ModelFileError, read_model_file
 
 #: CONDITIONING key holding the (V, 16) MVDream camera vectors of one object's V views.
@@ -115,16 +116,31 @@ class MVDreamUNet(UNetModel):
             raise ValueError(f"MVDream: a batch of {x.shape[0]} latents is not a multiple of {num_views} views")
         options = dict(transformer_options)
         options[VIEWS_OPTION] = int(num_views)
+        patches = dict(options.get("patches", {}))
+        # A Cancel is answered within one UNet block, not one sampling step (a step of a big batch takes long).
+        patches["input_block_patch"] = list(patches.get("input_block_patch", [])) + [_interrupt_point]
+        patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [_interrupt_point_skip]
         if camera is not None:
             camera_emb = self.camera_embed(camera.to(x.dtype))
 
             def add_camera(emb, model_channels, transformer_options):
                 return emb + camera_emb.to(emb.dtype)
 
-            patches = dict(options.get("patches", {}))
             patches["emb_patch"] = list(patches.get("emb_patch", [])) + [add_camera]
-            options["patches"] = patches
+        options["patches"] = patches
         return super()._forward(x, timesteps, context, y, control, options, **kwargs)
+
+
+def _interrupt_point(h, transformer_options):
+    """UNet input-block patch that changes nothing and raises if the user pressed Cancel."""
+    check_interrupt()
+    return h
+
+
+def _interrupt_point_skip(h, skip, transformer_options):
+    """UNet output-block patch that changes nothing and raises if the user pressed Cancel."""
+    check_interrupt()
+    return h, skip
 
 
 class MVDreamModel(comfy.model_base.BaseModel):

@@ -10,7 +10,7 @@ from ..kernels.field import config_for_device
 from ..kernels.nerf import NeRF
 from ..kernels.reconstruct import FitSettings, StepInfo, fit_views
 from ..kernels.renderer import RenderSettings, render_views
-from .common import BACKGROUNDS, Progress, compute_device
+from .common import BACKGROUNDS, Progress, check_interrupt, compute_device
 from .types import CATEGORY, CamerasType, NeRFType
 from .validation import Compose3DNode
 
@@ -114,7 +114,7 @@ class NeRFFromViews(Compose3DNode):
                     preview = preview_render(result, cameras)
                 progress.update(info.step, preview)
 
-            fit_views(result, views, cameras, mask_views, settings, on_step=on_step)
+            fit_views(result, views, cameras, mask_views, settings, on_step=on_step, check_interrupt=check_interrupt)
         return io.NodeOutput(result)
 
 

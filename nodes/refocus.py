@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-import comfy.model_management
 import comfy.model_patcher
 import comfy.samplers
 import comfy.utils
@@ -31,7 +30,7 @@ from comfy_api.latest import io
 
 from ..kernels.attention import (find_subject_tokens, parse_subjects, parse_thresholds, refocus_loss,
                                  refocus_step_size, smooth_maps, subject_maps)
-from .common import PREVIEW_MAX_PX, to_pil
+from .common import PREVIEW_MAX_PX, check_interrupt, to_pil
 from .mvdream_model import CAMERA_KEY
 from .types import CATEGORY
 from .validation import Compose3DNode
@@ -134,6 +133,7 @@ class AttentionCapture:
         from comfy.ldm.modules.attention import optimized_attention
 
         def attn2(q, k, v, extra_options):
+            check_interrupt()  # refocus passes (forward + backward) are long: answer a Cancel per block
             shape = extra_options.get("activations_shape")
             if shape is None or tuple(shape[-2:]) != (self.height, self.width):
                 if fallback is not None:
@@ -296,7 +296,7 @@ class Refocuser:
             # take the regular update (x_new is always one update past the last measured latent).
             # Objects of a batch are refined independently: only those still below the threshold move.
             while float(attention.min()) < threshold and tries < s.max_tries:
-                comfy.model_management.throw_exception_if_processing_interrupted()
+                check_interrupt()
                 below = attention.amin(dim=1) < threshold  # (objects,)
                 x = torch.where(self.per_object(below, x), x_new, x)
                 x_new, loss, attention, maps = self.update(x, sigma, step_size)
@@ -365,7 +365,7 @@ class RefocusKSampler(comfy.samplers.Sampler):
                                          disable=True, **base.extra_options)
 
         for i in range(refocus_steps):
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            check_interrupt()
             x = refocuser.refocus(x, sigmas[i], i, total, report, show)
             x = run(x, i, i + 1, i)
             done[0] = i + 1
