@@ -21,9 +21,10 @@ from .volume_rendering import accumulate, render_weights
 
 
 #: Most samples (rays x samples per ray) put through the field at once. Rendering and training cut larger batches
-#: into chunks of about this size, which bounds memory and the time between two interrupt checks whatever the
-#: image size or rays per step (about 0.1 s of training or 0.05 s of rendering per chunk on two CPU cores).
-CHUNK_SAMPLES = 1 << 18
+#: into chunks of this size, which bounds memory and the time between two interrupt checks whatever the image
+#: size or rays per step. On two CPU cores a chunk takes about 0.04-0.08 s of training or 0.25 s of rendering
+#: with normals, and big steps get faster, not slower (scripts/bench_interrupts.py).
+CHUNK_SAMPLES = 1 << 16
 
 
 def rays_per_chunk(samples_per_ray: int, limit: int | None = None) -> int:

@@ -122,5 +122,5 @@ def test_rendering_chunks_are_bounded_by_samples_and_report_progress_per_chunk(s
     whole = renderer.render_views(nerf.field, nerf.background, cameras[:1], 8, 8, settings, with_normals=False)
     torch.testing.assert_close(out["rgb"], whole["rgb"])
     monkeypatch.undo()
-    assert renderer.rays_per_chunk(64, 8192) == 4096  # 2^18 samples
-    assert renderer.rays_per_chunk(1 << 19, 8192) == 1 and renderer.rays_per_chunk(1, 16) == 16
+    assert renderer.rays_per_chunk(64, 8192) == 1024  # 2^16 samples
+    assert renderer.rays_per_chunk(1 << 17, 8192) == 1 and renderer.rays_per_chunk(1, 16) == 16

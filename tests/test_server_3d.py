@@ -1,7 +1,6 @@
 """Reconstruction, mesh export and 3D preview inside a real ComfyUI server, driven over HTTP and the websocket."""
 from __future__ import annotations
 
-import json
 from urllib.parse import urlencode
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import trimesh
 
 from comfy_execution.graph_utils import GraphBuilder
-from harness.interrupt import interrupt_at_first_progress
+from harness.interrupt import assert_server_still_serves, interrupt_at_first_progress
 
 pytestmark = pytest.mark.server
 
@@ -36,20 +35,6 @@ def add_nerf(g: GraphBuilder, views, cameras, steps: int, seed: int):
 def add_export(g: GraphBuilder, nerf, prefix: str, format: str = "glb"):
     return g.node("Compose3D_ExportMesh", nerf=nerf.out(0), filename_prefix=prefix, format=format, resolution=48,
                   threshold=THRESHOLD, keep_components=1, max_faces=2000, colors="texture", texture_size=128)
-
-
-def camera_check_prompt(views: int, elevation: float) -> tuple[dict, str]:
-    g = GraphBuilder(prefix="")
-    preview = g.node("Compose3D_PreviewCameras", cameras=orbit(g, views, elevation).out(0))
-    return g.finalize(), preview.id
-
-
-def assert_server_still_serves(server, views: int, elevation: float) -> None:
-    prompt, preview_id = camera_check_prompt(views, elevation)
-    result = server.run(prompt, timeout=60)
-    assert result.status == "success", result.error
-    assert json.loads(result.outputs[preview_id]["text"][0])["views"] == views
-    assert server.alive()
 
 
 @pytest.fixture(scope="module")
