@@ -80,10 +80,11 @@ class ComfyServer:
         pack_root: this pack's folder.
         python: interpreter that runs ComfyUI.
         extra_args: more ComfyUI arguments (``--cpu`` is passed unless ``cpu=False``).
+        env: variables added to the server's environment (e.g. a private ``TMPDIR``).
     """
 
     def __init__(self, comfyui: Path, base: Path, models: Path, pack_root: Path, python: str,
-                 extra_args: tuple[str, ...] = (), cpu: bool = True):
+                 extra_args: tuple[str, ...] = (), cpu: bool = True, env: dict[str, str] | None = None):
         self.comfyui = comfyui
         self.python = python
         self.cpu = cpu
@@ -91,6 +92,7 @@ class ComfyServer:
         self.models = models
         self.pack_root = pack_root
         self.extra_args = extra_args
+        self.env = dict(env or {})
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log_path = base / "server.log"
@@ -111,7 +113,7 @@ class ComfyServer:
                "--disable-auto-launch", "--base-directory", str(self.base),
                "--extra-model-paths-config", str(config),
                "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}", *self.extra_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)

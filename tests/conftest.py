@@ -9,11 +9,30 @@ import pytest
 
 from harness.inprocess import init_comfy, use_folders
 from harness.paths import PACK_ROOT, comfyui_root, python_for_server
+from harness.report import SUMMARY_LINES
 from harness.tiny_models import TinyModels, build_tiny_models
 
 init_comfy()
 
 from headless import ComfyServer  # noqa: E402  (scripts/ is put on sys.path by init_comfy)
+
+
+#: Prompts the soak test sends when --soak-prompts is not given (sized for CI: about a minute on two cores).
+SOAK_PROMPTS_CI = 300
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak-prompts", type=int, default=SOAK_PROMPTS_CI,
+                     help=f"prompts the soak test sends (default {SOAK_PROMPTS_CI}; e.g. 2000 for a long soak: "
+                          f"bash scripts/test.sh -m soak --soak-prompts 2000)")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    lines = config.stash.get(SUMMARY_LINES, [])
+    if lines:
+        terminalreporter.section("Compose3D figures")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
