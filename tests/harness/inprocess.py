@@ -20,11 +20,17 @@ def init_comfy() -> None:
     global _initialised
     if _initialised:
         return
-    add_comfyui_to_sys_path()
+    root = add_comfyui_to_sys_path()
     import comfy.cli_args
 
     if os.environ.get("COMPOSE3D_TEST_DEVICE", "cpu") == "cpu":
         comfy.cli_args.args.cpu = True
+    # Bind the name ``nodes`` to ComfyUI's nodes.py now: pytest may later put the repository root (a package with
+    # its own ``nodes/``) first on sys.path, depending on the checkout folder's name.
+    import nodes
+
+    if Path(nodes.__file__).resolve().parent != root.resolve():
+        raise RuntimeError(f"'import nodes' found {nodes.__file__}, not ComfyUI's nodes.py in {root}")
     register_pack()
     _initialised = True
 

@@ -19,28 +19,7 @@ def interrupt_at_first_progress(server, prompt: dict, node_id: str, timeout: flo
 
     If the prompt never ends as interrupted, it is interrupted again afterwards so no long loop outlives the test.
     """
-    seen: dict = {"interrupted_at": None, "ended_at": None, "progress_after": 0}
-
-    def on_message(msg, srv):
-        data = msg.get("data", {})
-        if msg["type"] == "progress" and data.get("node") == node_id:
-            if seen["interrupted_at"] is None:
-                seen["interrupted_at"] = time.monotonic()
-                srv.interrupt()
-            else:
-                seen["progress_after"] += 1
-        elif msg["type"] == "execution_interrupted":
-            seen["ended_at"] = time.monotonic()
-
-    try:
-        result = server.run(prompt, timeout=timeout, on_message=on_message)
-    finally:
-        if seen["ended_at"] is None:
-            server.interrupt()
-    stopped = None
-    if seen["interrupted_at"] is not None and seen["ended_at"] is not None:
-        stopped = seen["ended_at"] - seen["interrupted_at"]
-    return InterruptedRun(result, stopped, seen["progress_after"])
+    return _interrupted_run(server, prompt, node_id, timeout, delay=None)
 
 
 def interrupt_after_start(server, prompt: dict, node_id: str, delay: float, timeout: float = 120.0
@@ -52,6 +31,11 @@ def interrupt_after_start(server, prompt: dict, node_id: str, delay: float, time
     ``progress_after``: progress messages of the node after the interrupt. A prompt that does not end as
     interrupted is interrupted again afterwards so no long loop outlives the test.
     """
+    return _interrupted_run(server, prompt, node_id, timeout, delay=delay)
+
+
+def _interrupted_run(server, prompt: dict, node_id: str, timeout: float, delay: float | None) -> InterruptedRun:
+    """Interrupt ``delay`` s after ``node_id`` starts, or at its first progress message when ``delay`` is None."""
     seen: dict = {"interrupted_at": None, "ended_at": None, "progress_after": 0, "timer": None}
 
     def fire(srv):
@@ -59,12 +43,15 @@ def interrupt_after_start(server, prompt: dict, node_id: str, delay: float, time
         srv.interrupt()
 
     def on_message(msg, srv):
-        data = msg.get("data", {})
-        if msg["type"] == "executing" and data.get("node") == node_id and seen["timer"] is None:
+        mine = msg.get("data", {}).get("node") == node_id
+        if msg["type"] == "executing" and mine and delay is not None and seen["timer"] is None:
             seen["timer"] = threading.Timer(delay, fire, args=(srv,))
             seen["timer"].start()
-        elif msg["type"] == "progress" and data.get("node") == node_id and seen["interrupted_at"] is not None:
-            seen["progress_after"] += 1
+        elif msg["type"] == "progress" and mine:
+            if seen["interrupted_at"] is not None:
+                seen["progress_after"] += 1
+            elif delay is None:
+                fire(srv)
         elif msg["type"] == "execution_interrupted":
             seen["ended_at"] = time.monotonic()
 
