@@ -10,13 +10,13 @@ from .mesh import ExportMesh
 from .mvdream import MVDreamConditioning, MVDreamLoader
 from .nerf import NeRFFromViews, RenderNeRF
 from .refocus import RefocusSampler
-from .test_object import TestObjectViews
+from .toy_object import ToyObjectViews
 
 NODES: list[type[io.ComfyNode]] = [
     OrbitCameras,
     CombineCameras,
     PreviewCameras,
-    TestObjectViews,
+    ToyObjectViews,
     NeRFFromViews,
     RenderNeRF,
     ExportMesh,

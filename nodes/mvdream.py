@@ -7,8 +7,8 @@ import folder_paths
 import node_helpers
 from comfy_api.latest import io
 
-from .mvdream_model import CAMERA_KEY, load_mvdream
-from .types import CATEGORY, CamerasType
+from .mvdream_model import load_mvdream
+from .types import CAMERA_KEY, CATEGORY, CamerasType
 from .validation import Compose3DNode
 
 

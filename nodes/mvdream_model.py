@@ -43,12 +43,9 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..kernels.attention import sequence_to_views, views_to_sequence
 from .common import check_interrupt
+from .types import CAMERA_KEY, VIEWS_OPTION
 from .validation import ModelFileError, read_model_file
 
-#: CONDITIONING key holding the (V, 16) MVDream camera vectors of one object's V views.
-CAMERA_KEY = "c3d_mvdream_cameras"
-#: transformer_options key telling the multi-view attention how many views make one object.
-VIEWS_OPTION = "c3d_num_views"
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -31,8 +31,7 @@ from comfy_api.latest import io
 from ..kernels.attention import (find_subject_tokens, parse_subjects, parse_thresholds, refocus_loss,
                                  refocus_step_size, smooth_maps, subject_maps)
 from .common import PREVIEW_MAX_PX, check_interrupt, to_pil
-from .mvdream_model import CAMERA_KEY
-from .types import CATEGORY
+from .types import CAMERA_KEY, CATEGORY
 from .validation import Compose3DNode
 
 log = logging.getLogger("compose3d.refocus")

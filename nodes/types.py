@@ -1,4 +1,7 @@
-"""Custom socket types of the pack (part of the public API: saved workflows refer to these names)."""
+"""Custom socket types, conditioning keys and option keys of the pack.
+
+Socket type names are part of the public API: saved workflows refer to them.
+"""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -10,3 +13,9 @@ CamerasType = io.Custom("C3D_CAMERAS")
 
 #: :class:`kernels.nerf.NeRF`
 NeRFType = io.Custom("C3D_NERF")
+
+#: CONDITIONING key holding the (V, 16) MVDream camera vectors of one object's V views
+#: (attached by ``Compose3D_MVDreamConditioning``, read by the MVDream model and the samplers).
+CAMERA_KEY = "c3d_mvdream_cameras"
+#: transformer_options key telling attention how many views make one object (views are contiguous in the batch).
+VIEWS_OPTION = "c3d_num_views"

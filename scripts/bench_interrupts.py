@@ -22,10 +22,10 @@ WHOLE = 1 << 40  # a chunk budget no batch reaches: one chunk per step
 
 def scene(device: str):
     from compose3d.kernels.cameras import orbit_cameras
-    from compose3d.kernels.test_object import render_test_object
+    from compose3d.kernels.toy_object import render_toy_object
 
     cameras = orbit_cameras(8, 20.0, 0.0, 360.0, 2.5, 40.0)
-    images, masks, _ = render_test_object(cameras, 64, 64, (1.0, 1.0, 1.0))
+    images, masks, _ = render_toy_object(cameras, 64, 64, (1.0, 1.0, 1.0))
     return cameras, images, masks
 
 

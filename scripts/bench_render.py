@@ -31,12 +31,12 @@ def build(device: str):
     from compose3d.kernels.field import config_for_device
     from compose3d.kernels.nerf import NeRF
     from compose3d.kernels.rays import camera_rays
-    from compose3d.kernels.test_object import render_test_object
+    from compose3d.kernels.toy_object import render_toy_object
 
     nerf = NeRF.create(config_for_device(device, blob_density=0.0, density_activation="exp"),
                        background=SolidBackground(), device=device)
     cams = concat_cameras(orbit_cameras(8, 15.0, 0, 360, 2.5, 40), orbit_cameras(8, 45.0, 22.5, 360, 2.5, 40))
-    _, masks, _ = render_test_object(cams, 64, 64)
+    _, masks, _ = render_toy_object(cams, 64, 64)
     nerf.occupancy.carve(cams.c2w, cams.pixel_intrinsics(64, 64), masks)
     origins, dirs = camera_rays(cams, 64, 64)
     gen = torch.Generator().manual_seed(0)

@@ -13,7 +13,7 @@ from compose3d.kernels.field import config_for_device
 from compose3d.kernels.nerf import NeRF
 from compose3d.kernels.rays import camera_rays
 from compose3d.kernels.reconstruct import FitSettings, fit_views
-from compose3d.kernels.test_object import render_test_object
+from compose3d.kernels.toy_object import render_toy_object
 
 SIZE = 24
 RAYS = 1000
@@ -27,7 +27,7 @@ class Stop(Exception):
 @pytest.fixture(scope="module")
 def scene():
     cameras = orbit_cameras(views=4, elevation=20.0, azimuth_start=0.0, azimuth_span=360.0, distance=2.5, fov=40.0)
-    images, masks, _ = render_test_object(cameras, SIZE, SIZE, (1.0, 1.0, 1.0))
+    images, masks, _ = render_toy_object(cameras, SIZE, SIZE, (1.0, 1.0, 1.0))
     return cameras, images, masks
 
 

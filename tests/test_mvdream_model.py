@@ -121,7 +121,8 @@ def test_cond_and_uncond_halves_in_one_batch_equal_separate_calls(mvdream):
 
 def test_multiview_self_attention_is_joint_attention_over_the_views_tokens(mvdream):
     """Oracle: softmax(q k^T / sqrt(d)) v written out, with the keys of all V views of the object."""
-    from compose3d.nodes.mvdream_model import VIEWS_OPTION, MultiViewAttention
+    from compose3d.nodes.mvdream_model import MultiViewAttention
+    from compose3d.nodes.types import VIEWS_OPTION
 
     attn = next(m for m in mvdream[0].model.diffusion_model.modules() if isinstance(m, MultiViewAttention))
     heads, inner = attn.heads, attn.to_q.weight.shape[0]

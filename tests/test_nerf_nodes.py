@@ -16,11 +16,11 @@ from PIL import Image
 
 from compose3d.kernels.mesh import NoSurfaceError
 from compose3d.kernels.nerf import NeRF
-from compose3d.kernels.test_object import BOXES, SPHERES, render_test_object
+from compose3d.kernels.toy_object import BOXES, SPHERES, render_toy_object
 from compose3d.nodes.cameras import CombineCameras, OrbitCameras
 from compose3d.nodes.mesh import ExportMesh
 from compose3d.nodes.nerf import NeRFFromViews, RenderNeRF
-from compose3d.nodes import test_object as test_object_nodes  # (a module alias: pytest would collect Test*)
+from compose3d.nodes.toy_object import ToyObjectViews
 from harness.inprocess import run_node
 
 TRAIN_SIZE = 32
@@ -38,7 +38,7 @@ def orbit(views: int, elevation: float, azimuth_start: float = 0.0, distance: fl
 
 
 def views_of(cameras, size: int = TRAIN_SIZE):
-    images, masks = run_node(test_object_nodes.TestObjectViews, cameras=cameras, width=size, height=size,
+    images, masks = run_node(ToyObjectViews, cameras=cameras, width=size, height=size,
                              background="white").result
     return images, masks
 
@@ -135,7 +135,7 @@ def test_render_nerf_outputs_have_the_asked_size_and_unit_range(trained):
 def test_trained_nerf_opacity_matches_the_test_objects_exact_silhouette(trained):
     cameras = orbit(3, 30.0, azimuth_start=15.0)
     _, _, opacity, _ = render(trained, cameras, width=40, height=24)
-    _, exact_mask, _ = render_test_object(cameras, 24, 40)
+    _, exact_mask, _ = render_toy_object(cameras, 24, 40)
     inside, outside = exact_mask > 0.5, exact_mask < 0.5
     assert int(inside.sum()) > 100 and int(outside.sum()) > 100
     assert float(opacity[inside].mean()) > 0.8
@@ -144,7 +144,7 @@ def test_trained_nerf_opacity_matches_the_test_objects_exact_silhouette(trained)
 
 def test_trained_nerf_colours_match_the_test_objects_exact_render(trained, rig):
     rgb, _, _, _ = render(trained, rig, width=TRAIN_SIZE, height=TRAIN_SIZE)
-    exact_rgb, _, _ = render_test_object(rig, TRAIN_SIZE, TRAIN_SIZE)
+    exact_rgb, _, _ = render_toy_object(rig, TRAIN_SIZE, TRAIN_SIZE)
     mse = float(((rgb - exact_rgb) ** 2).mean())
     psnr = -10.0 * np.log10(mse)
     assert psnr > 20.0, f"PSNR {psnr:.1f} dB on the training views"

@@ -14,7 +14,7 @@ import trimesh
 
 from compose3d.kernels.cameras import concat_cameras, orbit_cameras
 from compose3d.kernels.metrics import chamfer_distance, psnr
-from compose3d.kernels.test_object import render_test_object, sample_surface
+from compose3d.kernels.toy_object import render_toy_object, sample_surface
 from compose3d.nodes.mesh import ExportMesh
 from compose3d.nodes.nerf import NeRFFromViews, RenderNeRF
 from harness.inprocess import run_node
@@ -42,14 +42,14 @@ def training_rig(pose_error_deg: float = 0.0):
 
 def reconstruct_and_measure(output_dir, pose_error_deg: float) -> dict:
     true_rig = training_rig()
-    images, masks, _ = render_test_object(true_rig, SIZE, SIZE)
+    images, masks, _ = render_toy_object(true_rig, SIZE, SIZE)
     started = time.monotonic()
     (nerf,) = run_node(NeRFFromViews, images=images, cameras=training_rig(pose_error_deg), masks=masks,
                        steps=STEPS, rays_per_step=4096, samples_per_ray=64, learning_rate=0.01,
                        background="white", seed=0).result
     fit_seconds = time.monotonic() - started
     held_out = orbit_cameras(6, 30.0, 10.0, 360, 2.5, 40)  # azimuths and elevation not in the training rig
-    truth, _, _ = render_test_object(held_out, SIZE, SIZE)
+    truth, _, _ = render_toy_object(held_out, SIZE, SIZE)
     rgb, _, _, _ = run_node(RenderNeRF, nerf=nerf, cameras=held_out, width=SIZE, height=SIZE,
                             samples_per_ray=0).result
     path, _ = run_node(ExportMesh, nerf=nerf, filename_prefix=f"recon/pose_error_{pose_error_deg:g}",

@@ -13,7 +13,7 @@ from compose3d.kernels.checks import check_choice, check_file_name
 from compose3d.nodes import NODES
 from compose3d.nodes.mvdream_model import load_mvdream
 from compose3d.nodes.nerf import RenderNeRF
-from compose3d.nodes.test_object import TestObjectViews as ObjectViewsNode
+from compose3d.nodes.toy_object import ToyObjectViews as ObjectViewsNode
 from compose3d.nodes.validation import (SOCKETS, Compose3DNode, InputError, ModelFileError, check_inputs,
                                         read_model_file)
 from harness.inprocess import run_node

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..kernels.test_object import render_test_object
+from ..kernels.toy_object import render_toy_object
 from .common import BACKGROUNDS
 from .types import CATEGORY, CamerasType
 from .validation import Compose3DNode
 
 
 
-class TestObjectViews(Compose3DNode):
+class ToyObjectViews(Compose3DNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -30,5 +30,5 @@ class TestObjectViews(Compose3DNode):
 
     @classmethod
     def execute(cls, cameras, width, height, background) -> io.NodeOutput:
-        rgb, mask, _ = render_test_object(cameras, height, width, BACKGROUNDS[background])
+        rgb, mask, _ = render_toy_object(cameras, height, width, BACKGROUNDS[background])
         return io.NodeOutput(rgb, mask)

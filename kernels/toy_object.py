@@ -51,7 +51,7 @@ def _ray_box(origins: Tensor, directions: Tensor, lo: tuple, hi: tuple) -> Tenso
     return torch.where(hit, t_near, torch.full_like(t_near, math.inf))
 
 
-def render_test_object(cameras: Cameras, height: int, width: int,
+def render_toy_object(cameras: Cameras, height: int, width: int,
                        background: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> tuple[Tensor, Tensor, Tensor]:
     """Exact renders of the object.
 
