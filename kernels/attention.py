@@ -1,25 +1,83 @@
-"""Attention math shared by the multi-view and refocusing mechanisms (framework-free).
+"""Attention maths shared by every mechanism that looks into or steers a diffusion model's attention (no comfy).
 
-Multi-view self-attention (MVDream): the tokens of the V views of one object attend to each other, so before
-self-attention ``(b v) l c -> b (v l) c`` and after it back. Views of one object are contiguous in the batch.
+* :func:`attention`: scaled dot-product attention written out, with an optional additive logit bias and the
+  head-averaged probabilities of chosen key columns, computed in chunks of queries so memory stays bounded.
+  The explicit form is what capture (the refocus sampler, SD3 part maps) and modulation (logit biases) need;
+  plain inference keeps the model's own fast attention.
+* Multi-view folding (MVDream): the tokens of the V views of one object attend to each other, so before
+  self-attention ``(b v) l c -> b (v l) c`` and after it back. Views of one object are contiguous in the batch.
 
-Attention refocusing (Attend-and-Excite, adapted to multi-view generation as in Grounded-Dreamer):
-
-1. For each view, the cross-attention probabilities of the image tokens over the text tokens, averaged over
-   heads, are restricted to the text tokens after the start token, multiplied by 100 and re-normalised with a
-   softmax over tokens; the maps of the subject tokens are reshaped to ``h x w``.
-2. Each map is smoothed with a 3x3 Gaussian (sigma 0.5, reflect padding).
-3. A token's attention in a view is its map's maximum. Over the views, the weakest view counts:
-   ``a_k = min_v max_p map[v, k, p]``.
-4. ``loss = max_k (1 - a_k)``: it rises when any subject is neglected in any view.
+Layout follows ComfyUI's attention functions: heads are packed in the channel dimension, ``(B, L, H * D)``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+#: Most logits (B x H x queries x keys) one chunk of :func:`attention` holds: 2^25 floats, 128 MiB in float32.
+CHUNK_LOGITS = 1 << 25
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, logit_bias: Tensor | None = None,
+              keep: Tensor | slice | None = None, chunk_logits: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """``softmax(q k^T / sqrt(D) + logit_bias) v`` per head, and the probabilities of the kept key columns.
+
+    Args:
+        q: (B, Lq, H * D) queries; k: (B, Lk, H * D) keys; v: (B, Lk, H * Dv) values (heads packed in channels).
+        heads: H.
+        logit_bias: None or a tensor broadcastable to (B, H, Lq, Lk), added to the scaled logits before the
+            softmax (``-inf`` masks a key out; a row must keep at least one finite logit).
+        keep: None (no probabilities returned), ``slice(None)`` (every key column), another slice, or a (K,)
+            long tensor of key columns.
+        chunk_logits: most logits per chunk of queries (default :data:`CHUNK_LOGITS`); at least one query row
+            per chunk. Chunking changes nothing but peak memory.
+
+    Returns:
+        out: (B, Lq, H * Dv), dtype of the inputs' computation (no casting is done here).
+        probs: (B, Lq, K) the attention probabilities of the kept columns averaged over heads, or None.
+
+    Differentiable w.r.t. q, k, v and ``logit_bias``.
+
+    >>> q = torch.zeros(1, 2, 4); k = torch.randn(1, 3, 4); v = torch.eye(3).repeat(1, 1, 2)[:, :, :4]
+    >>> out, probs = attention(q, k, v, heads=2, keep=slice(None))
+    >>> probs  # equal logits: uniform over the three keys
+    tensor([[[0.3333, 0.3333, 0.3333],
+             [0.3333, 0.3333, 0.3333]]])
+    """
+    b, lq, channels = q.shape
+    lk = k.shape[1]
+    if channels % heads or k.shape[-1] != channels or v.shape[-1] % heads or k.shape[0] != b \
+            or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not make "
+                         f"(B, Lq, H*D), (B, Lk, H*D), (B, Lk, H*Dv) with H = {heads}")
+    dim = channels // heads
+    qh = q.reshape(b, lq, heads, dim).transpose(1, 2)  # (B, H, Lq, D)
+    kh = k.reshape(b, lk, heads, dim).transpose(1, 2)
+    vh = v.reshape(b, lk, heads, -1).transpose(1, 2)  # (B, H, Lk, Dv)
+    per_row = b * heads * lk
+    rows = max(1, (chunk_logits or CHUNK_LOGITS) // per_row)
+    outs, kept = [], []
+    for start in range(0, lq, rows):
+        stop = min(start + rows, lq)
+        logits = qh[:, :, start:stop] @ kh.transpose(-1, -2) * dim ** -0.5  # (B, H, rows, Lk)
+        if logit_bias is not None:
+            logits = logits + _rows(logit_bias, start, stop, lq)
+        probs = torch.softmax(logits, dim=-1)
+        outs.append(probs @ vh)
+        if keep is not None:
+            kept.append(probs[..., keep].mean(dim=1))
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    out = out.transpose(1, 2).reshape(b, lq, -1)
+    if keep is None:
+        return out, None
+    return out, torch.cat(kept, dim=1) if len(kept) > 1 else kept[0]
+
+
+def _rows(bias: Tensor, start: int, stop: int, lq: int) -> Tensor:
+    """The query rows start..stop of a bias broadcastable to (B, H, Lq, Lk)."""
+    if bias.ndim >= 2 and bias.shape[-2] == lq and lq > 1:
+        return bias[..., start:stop, :]
+    return bias
 
 
 def views_to_sequence(x: Tensor, views: int) -> Tensor:
@@ -34,157 +92,3 @@ def sequence_to_views(x: Tensor, views: int) -> Tensor:
     """(B, V * L, C) -> (B * V, L, C), the inverse of :func:`views_to_sequence`."""
     b, vl, channels = x.shape
     return x.reshape(b * views, vl // views, channels)
-
-
-def subject_token_maps(probs: Tensor, token_indices: list[int], height: int, width: int, last_token: int,
-                       temperature: float = 100.0) -> Tensor:
-    """Per-view attention maps of the subject tokens.
-
-    Args:
-        probs: (V, P, T) cross-attention probabilities of P = height * width image tokens over T text tokens,
-            averaged over heads (and over the layers of one resolution).
-        token_indices: positions of the subject tokens in the text (start token = 0), each in [1, last_token).
-        last_token: index of the end token; text tokens 1 .. last_token - 1 compete in the softmax.
-        temperature: multiplies the probabilities before the softmax over tokens (100 in Attend-and-Excite).
-
-    Returns:
-        (V, K, height, width) maps; differentiable w.r.t. ``probs``.
-    """
-    v, p, t = probs.shape
-    if p != height * width:
-        raise ValueError(f"probs: {p} image tokens do not make a {height}x{width} map")
-    bad = [i for i in token_indices if not 1 <= i < last_token]
-    if bad or last_token > t:
-        raise ValueError(f"token_indices: {bad or token_indices} must lie between 1 and {last_token - 1} "
-                         f"(the prompt's words)")
-    text = torch.softmax(probs[:, :, 1:last_token] * temperature, dim=-1)  # (V, P, last_token - 1)
-    maps = text[:, :, [i - 1 for i in token_indices]]  # (V, P, K)
-    return maps.permute(0, 2, 1).reshape(v, len(token_indices), height, width)
-
-
-def gaussian_kernel(size: int = 3, sigma: float = 0.5, dtype=torch.float32) -> Tensor:
-    """(size, size) normalised Gaussian, the outer product of the 1-D one."""
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x * x) / (2 * sigma * sigma))
-    g = g / g.sum()
-    return torch.outer(g, g).to(dtype)
-
-
-def smooth_maps(maps: Tensor, size: int = 3, sigma: float = 0.5) -> Tensor:
-    """Gaussian-smooth (..., H, W) maps with reflect padding (shape kept)."""
-    lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
-    flat = maps.reshape(-1, 1, h, w)
-    pad = size // 2
-    flat = F.pad(flat, (pad, pad, pad, pad), mode="reflect")
-    out = F.conv2d(flat, gaussian_kernel(size, sigma, maps.dtype).to(maps.device)[None, None])
-    return out.reshape(*lead, h, w)
-
-
-def token_attention(maps: Tensor) -> Tensor:
-    """(V, K, H, W) smoothed maps -> (V, K) each token's maximum attention in each view."""
-    return maps.flatten(-2).amax(dim=-1)
-
-
-def refocus_loss(maps: Tensor) -> tuple[Tensor, Tensor]:
-    """Refocusing loss of (V, K, H, W) smoothed subject maps.
-
-    Returns:
-        loss: scalar ``max_k (1 - min_v max_p maps[v, k, p])``, differentiable.
-        per_token: (K,) ``min_v max_p maps[v, k, p]``, the attention each subject gets in its weakest view.
-    """
-    per_token = token_attention(maps).amin(dim=0)
-    return (1.0 - per_token).amax(), per_token
-
-
-def refocus_step_size(step: int, steps: int, scale: float = 20.0) -> float:
-    """Latent update size at sampling step ``step`` of ``steps``: ``scale * sqrt(linspace(1, 0.5, steps))``."""
-    if steps <= 1:
-        return scale
-    return scale * math.sqrt(1.0 - 0.5 * step / (steps - 1))
-
-
-def parse_subjects(text: str) -> list[str]:
-    """Comma-separated subject words -> stripped entries; an empty text means no subjects.
-
-    Raises:
-        ValueError: an entry is empty (e.g. ``"cat,,dog"`` or a trailing comma).
-    """
-    if not text.strip():
-        return []
-    entries = [part.strip() for part in text.split(",")]
-    if any(not e for e in entries):
-        raise ValueError(f"subjects: {text!r} has an empty entry; separate subject words by single commas, "
-                         f"e.g. 'cat, dog'")
-    return entries
-
-
-def find_subject_tokens(prompt_ids: list[int], subject_ids: list[list[int]], subjects: list[str],
-                        token_names: list[str]) -> list[list[int]]:
-    """Positions of each subject's tokens in the prompt (first occurrence of the whole token sequence).
-
-    Args:
-        prompt_ids: the prompt's token ids, the start token at position 0 (positions are indices into this).
-        subject_ids: each subject's token ids, tokenized alone (no start/end tokens).
-        subjects: the subjects as typed (for messages).
-        token_names: the prompt's tokens as text, listed when a subject is missing.
-
-    Raises:
-        ValueError: a subject tokenizes to nothing or does not occur in the prompt; the message lists the
-            prompt's tokens.
-    """
-    listing = ", ".join(repr(t) for t in token_names) or "(none)"
-    positions = []
-    for subject, ids in zip(subjects, subject_ids):
-        if not ids:
-            raise ValueError(f"subjects: {subject!r} gives no tokens; name words of the prompt. "
-                             f"The prompt's tokens are: {listing}")
-        n = len(ids)
-        at = next((i for i in range(1, len(prompt_ids) - n + 1) if prompt_ids[i:i + n] == ids), None)
-        if at is None:
-            raise ValueError(f"subjects: {subject!r} is not in the prompt. The prompt's tokens are: {listing}")
-        positions.append(list(range(at, at + n)))
-    return positions
-
-
-def subject_maps(probs: Tensor, positions: list[list[int]], height: int, width: int, last_token: int,
-                 temperature: float = 100.0) -> Tensor:
-    """Per-view maps of whole subjects: a subject of several tokens gets the sum of its tokens' maps.
-
-    Args:
-        probs: (V, P, T) cross-attention probabilities (see :func:`subject_token_maps`).
-        positions: per subject, its token positions in the text.
-
-    Returns:
-        (V, K, height, width) maps, each in [0, 1] (the tokens' shares after the softmax over words).
-    """
-    flat = [i for pos in positions for i in pos]
-    maps = subject_token_maps(probs, flat, height, width, last_token, temperature)
-    out, start = [], 0
-    for pos in positions:
-        out.append(maps[:, start:start + len(pos)].sum(dim=1))
-        start += len(pos)
-    return torch.stack(out, dim=1)
-
-
-def parse_thresholds(text: str) -> dict[int, float]:
-    """``"0: 0.05, 10: 0.5, 20: 0.8"`` -> {0: 0.05, 10: 0.5, 20: 0.8} (sampling step -> attention target).
-
-    Raises:
-        ValueError: not ``step: value`` pairs, a negative step, or a value outside (0, 1].
-    """
-    out: dict[int, float] = {}
-    if not text.strip():
-        return out
-    for part in text.split(","):
-        step, sep, value = part.partition(":")
-        try:
-            if not sep:
-                raise ValueError
-            s, v = int(step.strip()), float(value.strip())
-        except ValueError:
-            raise ValueError(f"thresholds: {part.strip()!r} is not 'step: value'; expected e.g. "
-                             f"'0: 0.05, 10: 0.5, 20: 0.8'") from None
-        if s < 0 or not 0.0 < v <= 1.0:
-            raise ValueError(f"thresholds: {part.strip()!r} needs a step >= 0 and a value in (0, 1]")
-        out[s] = v
-    return out

@@ -5,7 +5,8 @@ What MVDream adds to an SD1.5/SD2.1 UNet (``mvdream/ldm/modules/diffusionmodules
 * ``camera_embed``: Linear(16, D), SiLU, Linear(D, D) with D the time-embedding width; its output is added to the
   timestep embedding: ``emb = time_embed(t) + camera_embed(camera)``.
 * Multi-view self-attention: the V views of one object are contiguous in the batch and their tokens attend to each
-  other, ``(b v) l c -> b (v l) c`` around every ``attn1`` (see :mod:`kernels.attention`).
+  other, ``(b v) l c -> b (v l) c`` around every ``attn1`` (see :mod:`kernels.attention`), including attn1
+  replace patches, which ComfyUI runs without ``attn1.forward`` (see :mod:`nodes.attention_patch`).
 
 Everything else is ComfyUI's own: the UNet (``UNetModel``), the model wrapper (``BaseModel``) with its sampling
 schedule, the ops (dtype casting, lowvram weight streaming), the ModelPatcher, CLIP and VAE. The model therefore
@@ -23,7 +24,6 @@ import json
 import logging
 import os
 
-import torch
 from torch import nn
 
 import comfy.conds
@@ -42,6 +42,7 @@ from comfy.ldm.modules.attention import BasicTransformerBlock, CrossAttention
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..kernels.attention import sequence_to_views, views_to_sequence
+from .attention_patch import fold_views
 from .common import check_interrupt
 from .types import CAMERA_KEY, VIEWS_OPTION
 from .validation import ModelFileError, read_model_file
@@ -125,6 +126,10 @@ class MVDreamUNet(UNetModel):
 
             patches["emb_patch"] = list(patches.get("emb_patch", [])) + [add_camera]
         options["patches"] = patches
+        replace = options.get("patches_replace", {})
+        if replace.get("attn1"):  # an attn1 replacement never enters attn1.forward: fold the views for it
+            folded = {key: fold_views(patch) for key, patch in replace["attn1"].items()}
+            options["patches_replace"] = {**replace, "attn1": folded}
         return super()._forward(x, timesteps, context, y, control, options, **kwargs)
 
 

@@ -1,7 +1,7 @@
 """The refocus sampler: Attend-and-Excite over the views of multi-view generation (Grounded-Dreamer stage 1).
 
 During the first ``refocus_steps`` sampling steps the latent is moved, before each step, down the gradient of the
-refocusing loss (:mod:`kernels.attention`): the cross-attention maps of the subject words at the UNet level of 1/4
+refocusing loss (:mod:`kernels.refocus`): the cross-attention maps of the subject words at the UNet level of 1/4
 of the latent resolution (8x8 for MVDream's 32x32 latents), from a conditional-only pass, are smoothed, and the
 weakest subject in its weakest view drives the loss. At the steps named in ``thresholds`` the update is repeated
 until every subject reaches the threshold or ``max_tries`` runs out. Then the wrapped sampler (DDIM by default)
@@ -12,26 +12,27 @@ eps models). ComfyUI's samplers work on ``x``; an update ``z -= a dL/dz`` is ``x
 
 During the refocus phase each step of the wrapped sampler runs on its own (so multistep samplers restart their
 history after each refocused step); the remaining steps run in one call. With no subject words the wrapped
-sampler runs untouched.
+sampler runs untouched. The cross-attention is captured through :mod:`nodes.attention_patch`.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-import comfy.model_patcher
 import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io
 
-from ..kernels.attention import (find_subject_tokens, parse_subjects, parse_thresholds, refocus_loss,
-                                 refocus_step_size, smooth_maps, subject_maps)
+from ..kernels.refocus import (find_subject_tokens, parse_subjects, parse_thresholds, refocus_loss,
+                               refocus_step_size, smooth_maps, subject_maps)
+from .attention_patch import explicit_attention, patch_unet_attention
 from .common import PREVIEW_MAX_PX, check_interrupt, to_pil
-from .types import CAMERA_KEY, CATEGORY
+from .types import CAMERA_KEY, CATEGORY, REFOCUS_REPORT_KEY
 from .validation import Compose3DNode
 
 log = logging.getLogger("compose3d.refocus")
@@ -100,7 +101,7 @@ def resolve_subjects(clip, prompt: str, subjects_text: str) -> Subjects | None:
 class AttentionCapture:
     """attn2 replacements that compute cross-attention explicitly at one resolution and keep its probabilities.
 
-    Blocks at other resolutions run ComfyUI's attention (or the replacement already installed there).
+    Blocks at other resolutions run their fallback (the replacement installed before, or ComfyUI's attention).
     ``probs`` collects (B, h*w, T) head-averaged probabilities, one entry per captured layer; :meth:`start` sets
     the resolution and clears them before each pass.
     """
@@ -114,56 +115,20 @@ class AttentionCapture:
         self.probs = []
 
     def model_options(self, diffusion_model, model_options: dict) -> dict:
-        """A copy of ``model_options`` with a capturing attn2 replacement on every transformer block.
+        """A copy of ``model_options`` with a capturing attn2 replacement on every transformer block."""
+        return patch_unet_attention(model_options, diffusion_model, "attn2", self._patch)
 
-        Keys are ComfyUI's most specific ones, (block, number, index in the SpatialTransformer), so they win over
-        replacements registered per block; those already installed are kept as the fallback.
-        """
-        options = comfy.model_patcher.create_model_options_clone(model_options)
-        options["transformer_options"] = dict(options.get("transformer_options", {}))
-        existing = options["transformer_options"].get("patches_replace", {}).get("attn2", {})
-        for name, number, index in transformer_blocks(diffusion_model):
-            fallback = existing.get((name, number, index), existing.get((name, number)))
-            options = comfy.model_patcher.set_model_options_patch_replace(
-                options, self._patch(fallback), "attn2", name, number, index)
-        return options
-
-    def _patch(self, fallback):
-        from comfy.ldm.modules.attention import optimized_attention
-
+    def _patch(self, key, fallback):
         def attn2(q, k, v, extra_options):
             check_interrupt()  # refocus passes (forward + backward) are long: answer a Cancel per block
             shape = extra_options.get("activations_shape")
             if shape is None or tuple(shape[-2:]) != (self.height, self.width):
-                if fallback is not None:
-                    return fallback(q, k, v, extra_options)
-                return optimized_attention(q, k, v, extra_options["n_heads"])
-            heads, dim = extra_options["n_heads"], extra_options["dim_head"]
-            b, lq, _ = q.shape
-            qh = q.float().reshape(b, lq, heads, dim).transpose(1, 2)
-            kh = k.float().reshape(b, -1, heads, dim).transpose(1, 2)
-            vh = v.float().reshape(b, -1, heads, dim).transpose(1, 2)
-            probs = torch.softmax(qh @ kh.transpose(-1, -2) * dim ** -0.5, dim=-1)  # (B, H, Lq, T)
-            self.probs.append(probs.mean(dim=1))
-            out = (probs @ vh).transpose(1, 2).reshape(b, lq, heads * dim)
-            return out.to(q.dtype)
+                return fallback(q, k, v, extra_options)
+            out, probs = explicit_attention(q, k, v, extra_options, keep=slice(None))
+            self.probs.append(probs)
+            return out
 
         return attn2
-
-
-def transformer_blocks(diffusion_model) -> list[tuple[str, int, int]]:
-    """(block, number, index) of every BasicTransformerBlock of an SD UNet, as ComfyUI keys its attention patches."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-
-    found = []
-    groups = [("input", i, b) for i, b in enumerate(diffusion_model.input_blocks)] + \
-             [("middle", 0, diffusion_model.middle_block)] + \
-             [("output", i, b) for i, b in enumerate(diffusion_model.output_blocks)]
-    for name, number, block in groups:
-        for layer in block or ():  # a UNet may have no middle block
-            if isinstance(layer, SpatialTransformer):
-                found += [(name, number, index) for index in range(len(layer.transformer_blocks))]
-    return found
 
 
 @contextlib.contextmanager
@@ -219,14 +184,20 @@ class RefocusReport:
     maps: Tensor | None = None  # (B, K, h, w) last smoothed maps
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """The refocusing loss of one latent: ``loss`` (scalar, summed over objects), ``attention`` (objects, K) each
+    subject's attention in its weakest view, ``maps`` (B, K, h, w) the smoothed subject maps."""
+    loss: Tensor
+    attention: Tensor
+    maps: Tensor
+
+
 class Refocuser:
     """Measures the refocusing loss of a latent and moves the latent down its gradient."""
 
     def __init__(self, model_wrap, model_options: dict, settings: RefocusSettings):
         self.base_model = model_wrap.inner_model
-        if not hasattr(self.base_model.diffusion_model, "input_blocks"):
-            raise ValueError(f"refocus sampler: {type(self.base_model.diffusion_model).__name__} is not an "
-                             f"SD-style UNet; refocusing works with MVDream (and SD1.x/2.x) models")
         self.settings = settings
         positive = model_wrap.conds.get("positive") or []
         if not positive:
@@ -235,13 +206,13 @@ class Refocuser:
         cams = positive[0].get(CAMERA_KEY)
         self.views = 1 if cams is None else int(cams.shape[0])
         self.capture = AttentionCapture()
-        self.model_options = self.capture.model_options(self.base_model.diffusion_model, model_options)
+        try:
+            self.model_options = self.capture.model_options(self.base_model.diffusion_model, model_options)
+        except ValueError as e:
+            raise ValueError(f"refocus sampler: {e}; refocusing works with MVDream (and SD1.x/2.x) models") from None
 
-    def measure(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Loss (summed over objects), per-object per-subject attention (B/V, K), smoothed maps (B, K, h, w).
-
-        Differentiable w.r.t. ``x`` when called with grad enabled.
-        """
+    def measure(self, x: Tensor, sigma: Tensor) -> Measurement:
+        """The loss of latent ``x`` (B, C, H, W) at ``sigma``; differentiable w.r.t. ``x`` with grad enabled."""
         s = self.settings
         height, width = x.shape[-2] // 4, x.shape[-1] // 4
         capture = self.capture
@@ -263,19 +234,19 @@ class Refocuser:
             loss, per_token = refocus_loss(obj)
             losses.append(loss)
             per_object.append(per_token)
-        return torch.stack(losses).sum(), torch.stack(per_object), maps
+        return Measurement(torch.stack(losses).sum(), torch.stack(per_object), maps)
 
-    def update(self, x: Tensor, sigma: Tensor, step_size: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One gradient step; returns (new x, loss, per-object attention before the step, maps)."""
+    def update(self, x: Tensor, sigma: Tensor, step_size: float) -> tuple[Tensor, Measurement]:
+        """One gradient step: (the moved latent, the measurement of ``x`` it came from, detached)."""
         with torch.inference_mode(False), torch.enable_grad():
             xg = x.detach().clone().requires_grad_(True)
             with autograd_weights(self.base_model.diffusion_model):
-                loss, per_object, maps = self.measure(xg, sigma.detach().clone())
-            grad, = torch.autograd.grad(loss, xg)
+                m = self.measure(xg, sigma.detach().clone())
+            grad, = torch.autograd.grad(m.loss, xg)
         c_in = self.base_model.model_sampling.calculate_input(sigma.reshape(1), torch.ones_like(x[:1]))
         scale = step_size / c_in.flatten()[0].item() ** 2
         x_new = (x.detach() - scale * grad.to(x.dtype)).detach()
-        return x_new, loss.detach(), per_object.detach(), maps.detach()
+        return x_new, Measurement(m.loss.detach(), m.attention.detach(), m.maps.detach())
 
     def per_object(self, mask: Tensor, x: Tensor) -> Tensor:
         """(objects,) bool -> a mask broadcastable over the latent batch x (views of an object together)."""
@@ -285,97 +256,88 @@ class Refocuser:
                 show) -> Tensor:
         s = self.settings
         step_size = refocus_step_size(step, total_steps, s.step_size)
-        x_new, loss, attention, maps = self.update(x, sigma, step_size)
+        x_new, m = self.update(x, sigma, step_size)
         report.steps.append(step)
-        report.before.append(attention.mean(dim=0).tolist())
+        report.before.append(m.attention.mean(dim=0).tolist())
         tries = 0
         threshold = s.thresholds.get(step)
         if threshold is not None:
             # Iterative refinement: keep updating while a subject is below the threshold in some view, then
             # take the regular update (x_new is always one update past the last measured latent).
             # Objects of a batch are refined independently: only those still below the threshold move.
-            while float(attention.min()) < threshold and tries < s.max_tries:
+            while float(m.attention.min()) < threshold and tries < s.max_tries:
                 check_interrupt()
-                below = attention.amin(dim=1) < threshold  # (objects,)
+                below = m.attention.amin(dim=1) < threshold  # (objects,)
                 x = torch.where(self.per_object(below, x), x_new, x)
-                x_new, loss, attention, maps = self.update(x, sigma, step_size)
+                x_new, m = self.update(x, sigma, step_size)
                 tries += 1
-                show(maps)
-        report.refined.append(attention.mean(dim=0).tolist())
+                show(m.maps)
+        report.refined.append(m.attention.mean(dim=0).tolist())
         report.tries.append(tries)
-        report.maps = maps
+        report.maps = m.maps
         return x_new
 
 
-class RefocusKSampler(comfy.samplers.Sampler):
-    """A SAMPLER that refocuses the latent before the first steps of a wrapped ComfyUI sampler.
+def refocus_sampler(base: comfy.samplers.KSAMPLER, settings: RefocusSettings | None) -> comfy.samplers.KSAMPLER:
+    """A SAMPLER that refocuses the latent before the first steps of ``base`` (a core KSAMPLER), or ``base``
+    itself when there is nothing to refocus. Its sampler function wraps ``base``'s (core samplers wrap each other
+    the same way); the SAMPLER keeps no state: each run's :class:`RefocusReport` goes to the log, the node's
+    previews, and the callable under ``model_options[REFOCUS_REPORT_KEY]`` if the MODEL has one."""
+    if settings is None:
+        return base
+    function = functools.partial(refocus_sampling, base_function=base.sampler_function, settings=settings)
+    return comfy.samplers.KSAMPLER(function, extra_options=base.extra_options, inpaint_options=base.inpaint_options)
 
-    ``last_report`` holds the :class:`RefocusReport` of the latest sampling run (for benchmarks and tests).
+
+def refocus_sampling(model_k, x: Tensor, sigmas: Tensor, extra_args: dict, callback, disable, *, base_function,
+                     settings: RefocusSettings, **base_options) -> Tensor:
+    """A k-diffusion-style sampler function: refocus before each of the first steps, each step taken by
+    ``base_function`` on its own, then the remaining steps in one call of it.
+
+    ``x`` is the noised latent (B, C, H, W), ``sigmas`` (S + 1,), ``model_k`` core's KSamplerX0Inpaint around
+    the sampling run's guider; returns the sampled latent (still noise-scaled, as KSAMPLER expects).
     """
+    model_wrap = model_k.inner_model
+    total = len(sigmas) - 1
+    refocus_steps = min(settings.refocus_steps, total)
+    refocuser = Refocuser(model_wrap, extra_args["model_options"], settings)
+    unused = sorted(k for k in settings.thresholds if k >= refocus_steps)
+    if unused:
+        log.warning("refocus: thresholds at steps %s are never reached (only the first %d of %d steps are "
+                    "refocused)", unused, refocus_steps, total)
+    report = RefocusReport()
+    bar = comfy.utils.ProgressBar(total)
+    done = [0]  # steps finished, for the progress value sent with map previews
 
-    def __init__(self, base: comfy.samplers.KSAMPLER, settings: RefocusSettings | None):
-        self.base = base
-        self.settings = settings
-        self.last_report: RefocusReport | None = None
+    def show(maps: Tensor) -> None:
+        bar.update_absolute(done[0], total, ("JPEG", to_pil(maps_grid(maps, refocuser.views)), PREVIEW_MAX_PX))
 
-    def max_denoise(self, model_wrap, sigmas):
-        return self.base.max_denoise(model_wrap, sigmas)
+    def run(x, first, last, seed_offset):
+        k_callback = None
+        if callback is not None:
+            k_callback = lambda d: callback({**d, "i": first + d["i"]})  # noqa: E731
+        args = dict(extra_args)
+        if "seed" in args and seed_offset:
+            args["seed"] = args["seed"] + seed_offset  # fresh noise for ancestral steps run one at a time
+        return base_function(model_k, x, sigmas[first:last + 1], extra_args=args, callback=k_callback,
+                             disable=True, **base_options)
 
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        if self.settings is None:
-            return self.base.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
-                                    disable_pbar)
-        base = self.base
-        extra_args["denoise_mask"] = denoise_mask
-        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
-        model_k.latent_image = latent_image
-        if base.inpaint_options.get("random", False):
-            generator = torch.manual_seed(extra_args.get("seed", 41) + 1)
-            model_k.noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise.dtype).to(
-                noise.device)
-        else:
-            model_k.noise = noise
-        x = model_wrap.inner_model.model_sampling.noise_scaling(sigmas[0], noise, latent_image,
-                                                                self.max_denoise(model_wrap, sigmas))
-        total = len(sigmas) - 1
-        refocus_steps = min(self.settings.refocus_steps, total)
-        refocuser = Refocuser(model_wrap, extra_args["model_options"], self.settings)
-        unused = sorted(k for k in self.settings.thresholds if k >= refocus_steps)
-        if unused:
-            log.warning("refocus: thresholds at steps %s are never reached (only the first %d of %d steps are "
-                        "refocused)", unused, refocus_steps, total)
-        report = RefocusReport()
-        bar = comfy.utils.ProgressBar(total)
-        names = self.settings.subjects.names
-        done = [0]  # steps finished, for the progress value sent with map previews
-
-        def show(maps: Tensor) -> None:
-            bar.update_absolute(done[0], total, ("JPEG", to_pil(maps_grid(maps, refocuser.views)), PREVIEW_MAX_PX))
-
-        def run(x, first, last, seed_offset):
-            k_callback = None
-            if callback is not None:
-                k_callback = lambda d: callback(first + d["i"], d["denoised"], d["x"], total)  # noqa: E731
-            args = dict(extra_args)
-            if "seed" in args and seed_offset:
-                args["seed"] = args["seed"] + seed_offset  # fresh noise for ancestral steps run one at a time
-            return base.sampler_function(model_k, x, sigmas[first:last + 1], extra_args=args, callback=k_callback,
-                                         disable=True, **base.extra_options)
-
-        for i in range(refocus_steps):
-            check_interrupt()
-            x = refocuser.refocus(x, sigmas[i], i, total, report, show)
-            x = run(x, i, i + 1, i)
-            done[0] = i + 1
-            show(report.maps)
-            log.info("refocus step %d/%d: attention in the weakest view %s (%d refinement tries)", i + 1,
-                     refocus_steps, ", ".join(f"{n} {a:.3f}" for n, a in zip(names, report.before[-1])),
-                     report.tries[-1])
-        if refocus_steps < total:
-            x = run(x, refocus_steps, total, refocus_steps)
-        self.last_report = report
-        return model_wrap.inner_model.model_sampling.inverse_noise_scaling(sigmas[-1], x)
+    for i in range(refocus_steps):
+        check_interrupt()
+        x = refocuser.refocus(x, sigmas[i], i, total, report, show)
+        x = run(x, i, i + 1, i)
+        done[0] = i + 1
+        show(report.maps)
+        log.info("refocus step %d/%d: attention in the weakest view %s (%d refinement tries)", i + 1,
+                 refocus_steps, ", ".join(f"{n} {a:.3f}" for n, a in zip(settings.subjects.names,
+                                                                          report.before[-1])),
+                 report.tries[-1])
+    if refocus_steps < total:
+        x = run(x, refocus_steps, total, refocus_steps)
+    receiver = extra_args["model_options"].get(REFOCUS_REPORT_KEY)
+    if callable(receiver):
+        receiver(report)
+    return x
 
 
 def maps_grid(maps: Tensor, views: int, cell: int = 96) -> Tensor:
@@ -438,5 +400,5 @@ class RefocusSampler(Compose3DNode):
         settings = None
         if resolved is not None and refocus_steps > 0:
             settings = RefocusSettings(resolved, refocus_steps, step_size, parsed, max_tries, smoothing_sigma)
-        return io.NodeOutput(RefocusKSampler(comfy.samplers.sampler_object(sampler_name), settings))
+        return io.NodeOutput(refocus_sampler(comfy.samplers.sampler_object(sampler_name), settings))
 

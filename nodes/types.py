@@ -19,3 +19,6 @@ NeRFType = io.Custom("C3D_NERF")
 CAMERA_KEY = "c3d_mvdream_cameras"
 #: transformer_options key telling attention how many views make one object (views are contiguous in the batch).
 VIEWS_OPTION = "c3d_num_views"
+#: MODEL option (``model.model_options[REFOCUS_REPORT_KEY] = fn``): the refocus sampler calls ``fn(report)`` with
+#: each run's :class:`nodes.refocus.RefocusReport` (benchmarks and tests read reports this way).
+REFOCUS_REPORT_KEY = "c3d_refocus_report"

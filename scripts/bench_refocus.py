@@ -150,6 +150,7 @@ def run_variant(variant: str, checkpoint: str, steps: int, views: int, repeats: 
     from compose3d.nodes.mvdream import MVDreamConditioning
     from compose3d.nodes.mvdream_model import load_mvdream
     from compose3d.nodes.refocus import RefocusSampler
+    from compose3d.nodes.types import REFOCUS_REPORT_KEY
 
     cuda = device == "cuda"
     refocus_steps = steps // 2
@@ -188,8 +189,10 @@ def run_variant(variant: str, checkpoint: str, steps: int, views: int, repeats: 
             torch.cuda.synchronize()
         return out["samples"]
 
+    reports = []
     with torch.inference_mode():
         model, clip, _vae = load_mvdream(checkpoint)
+        model.model_options[REFOCUS_REPORT_KEY] = reports.append  # each refocused run's report
         cams = orbit_cameras(views, 15.0, 0.0, 360.0, 2.0, 40.0)
         positive = run_node(MVDreamConditioning, conditioning=comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0],
                             cameras=cams)[0]
@@ -225,8 +228,8 @@ def run_variant(variant: str, checkpoint: str, steps: int, views: int, repeats: 
                       gpu=torch.cuda.get_device_name())
     else:
         result.update(peak_bytes=rss.peak, resident_bytes=loaded_rss)
-    report = getattr(sampler, "last_report", None)
-    if report is not None:
+    if variant != "plain" and reports:
+        report = reports[-1]
         result.update(steps=report.steps, tries=report.tries, before=report.before, refined=report.refined)
     return result
 

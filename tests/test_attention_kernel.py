@@ -1,14 +1,12 @@
-"""Attention math against hand-made inputs with known answers (Attend-and-Excite formulas, MVDream layout)."""
+"""The attention kernel against softmax(q k^T / sqrt(d) + bias) v written out in float64, and MVDream's view
+folding."""
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from compose3d.kernels.attention import (find_subject_tokens, gaussian_kernel, parse_subjects, parse_thresholds,
-                                         refocus_loss, refocus_step_size, sequence_to_views, smooth_maps,
-                                         subject_maps, subject_token_maps, views_to_sequence)
+from compose3d.kernels import attention as attention_module
+from compose3d.kernels.attention import attention, sequence_to_views, views_to_sequence
 
 
 def test_views_are_joined_into_one_sequence_per_object_and_split_back():
@@ -21,101 +19,75 @@ def test_views_are_joined_into_one_sequence_per_object_and_split_back():
         views_to_sequence(x, 3)
 
 
-def test_gaussian_kernel_is_the_normalised_3x3_with_sigma_half():
-    side = math.exp(-1 / (2 * 0.5 ** 2))
-    g = torch.tensor([side, 1.0, side]) / (1 + 2 * side)
-    torch.testing.assert_close(gaussian_kernel(3, 0.5), torch.outer(g, g))
-    assert g.tolist() == pytest.approx([0.10650698, 0.78698604, 0.10650698], abs=1e-7)
+def oracle(q, k, v, heads, bias=None):
+    """Per head, in float64: out (B, Lq, H*Dv) and probabilities (B, H, Lq, Lk)."""
+    b, lq, c = q.shape
+    d = c // heads
+    qh, kh = (t.double().reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k))
+    vh = v.double().reshape(b, v.shape[1], heads, -1).transpose(1, 2)
+    logits = torch.einsum("bhqd,bhkd->bhqk", qh, kh) / d ** 0.5
+    if bias is not None:
+        logits = logits + bias.double()
+    probs = torch.softmax(logits, dim=-1)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, vh).transpose(1, 2).reshape(b, lq, -1), probs
 
 
-def test_smoothing_a_centred_delta_gives_the_kernel_and_keeps_shape():
-    m = torch.zeros(2, 1, 5, 5)
-    m[0, 0, 2, 2] = 1.0
-    out = smooth_maps(m)
-    assert out.shape == m.shape
-    torch.testing.assert_close(out[0, 0, 1:4, 1:4], gaussian_kernel(3, 0.5))
-    assert float(out[1].abs().max()) == 0.0
+def qkv(b=2, lq=37, lk=11, heads=3, d=8, dv=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, lq, heads * d, generator=g), torch.randn(b, lk, heads * d, generator=g),
+            torch.randn(b, lk, heads * dv, generator=g))
 
 
-def test_token_maps_softmax_over_words_after_the_start_token():
-    # 1 view, 4 image tokens (2x2), text: [SOT, "a", "cat", "dog", EOT, pad]
-    probs = torch.zeros(1, 4, 6)
-    probs[0, :, 0] = 0.9  # the start token soaks up attention; it must not compete
-    probs[0, 0, 2] = 0.1  # pixel 0 looks at "cat"
-    probs[0, 3, 3] = 0.1  # pixel 3 looks at "dog"
-    maps = subject_token_maps(probs, [2, 3], 2, 2, last_token=4)
-    e = math.exp(10.0)
-    assert maps[0, 0, 0, 0].item() == pytest.approx(e / (e + 2))  # cat at pixel 0
-    assert maps[0, 0, 0, 1].item() == pytest.approx(1 / 3)  # a tie between the three words
-    assert maps[0, 1, 1, 1].item() == pytest.approx(e / (e + 2))  # dog at pixel 3
-    with pytest.raises(ValueError, match="^token_indices: "):
-        subject_token_maps(probs, [0], 2, 2, last_token=4)
+@pytest.mark.parametrize("chunk_logits", [None, 1, 2 * 3 * 11 * 5, 10 ** 9])
+def test_attention_is_the_softmax_formula_with_the_kept_probabilities_chunked_or_not(chunk_logits):
+    q, k, v = qkv()
+    keep = torch.tensor([0, 4, 10])
+    out, probs = attention(q, k, v, 3, keep=keep, chunk_logits=chunk_logits)
+    want_out, want_probs = oracle(q, k, v, 3)
+    assert out.shape == (2, 37, 15) and probs.shape == (2, 37, 3)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs.double(), want_probs.mean(dim=1)[..., keep], rtol=1e-5, atol=1e-7)
+    all_out, all_probs = attention(q, k, v, 3, keep=slice(None), chunk_logits=chunk_logits)
+    torch.testing.assert_close(all_probs.sum(dim=-1), torch.ones(2, 37))  # every column kept: rows sum to one
+    assert attention(q, k, v, 3, chunk_logits=chunk_logits)[1] is None  # nothing kept, nothing returned
 
 
-def test_refocus_loss_is_driven_by_the_most_neglected_subject_in_its_weakest_view():
-    maps = torch.zeros(4, 2, 3, 3)  # 4 views, 2 subjects
-    maps[:, 0, 1, 1] = torch.tensor([0.9, 0.8, 0.7, 0.95])  # subject 0 weakest in view 2: 0.7
-    maps[:, 1, 0, 0] = torch.tensor([0.6, 0.9, 0.9, 0.9])  # subject 1 weakest in view 0: 0.6
-    loss, per_token = refocus_loss(maps)
-    assert per_token.tolist() == pytest.approx([0.7, 0.6])
-    assert loss.item() == pytest.approx(0.4)
-    maps[0, 1, 2, 2] = 0.85  # subject 1 now found in view 0 too: subject 0 (0.7) leads
-    loss, _ = refocus_loss(maps)
-    assert loss.item() == pytest.approx(0.3)
+@pytest.mark.parametrize("shape", [(2, 3, 37, 11), (1, 3, 1, 11), (2, 1, 37, 11), (11,)])
+def test_attention_adds_a_logit_bias_broadcast_over_batch_heads_and_queries(shape):
+    q, k, v = qkv(seed=1)
+    bias = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 3
+    for chunk_logits in (None, 2 * 3 * 11 * 4):  # four query rows per chunk: the bias is sliced with them
+        out, probs = attention(q, k, v, 3, logit_bias=bias, keep=slice(None), chunk_logits=chunk_logits)
+        want_out, want_probs = oracle(q, k, v, 3, bias)
+        torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(probs.double(), want_probs.mean(dim=1), rtol=1e-5, atol=1e-7)
 
 
-def test_refocus_loss_gradient_reaches_only_the_neglected_maximum():
-    maps = torch.rand(4, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.5
-    maps[:, 0].flatten(1)[:, 5] = 0.9  # subject 0 well attended everywhere
-    maps.requires_grad_(True)
-    loss, per_token = refocus_loss(maps)
-    loss.backward()
-    nonzero = maps.grad.nonzero().tolist()
-    assert len(nonzero) == 1
-    v, k = nonzero[0][:2]
-    assert k == 1 and maps[v, 1].max().item() == pytest.approx(per_token[1].item())
+def test_a_minus_infinity_bias_masks_keys_out_and_gradients_reach_q_k_v_and_the_bias():
+    q, k, v = qkv(b=1, lq=5, lk=4, heads=2, seed=3)
+    bias = torch.zeros(4)
+    bias[1] = float("-inf")
+    _, probs = attention(q, k, v, 2, logit_bias=bias, keep=slice(None))
+    assert float(probs[..., 1].abs().max()) == 0.0
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    bias = torch.zeros(1, 2, 5, 4, requires_grad=True)
+    out, probs = attention(q, k, v, 2, logit_bias=bias, keep=torch.tensor([2]), chunk_logits=2 * 4 * 2)
+    (out.square().sum() + probs.sum()).backward()
+    for t in (q, k, v, bias):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and float(t.grad.abs().max()) > 0
 
 
-def test_step_size_follows_sqrt_linspace_from_one_to_a_half():
-    assert refocus_step_size(0, 25) == pytest.approx(20.0)
-    assert refocus_step_size(24, 25) == pytest.approx(20 * math.sqrt(0.5))
-    assert refocus_step_size(12, 25) == pytest.approx(20 * math.sqrt(0.75))
+def test_chunks_bound_the_logits_held_at_once(monkeypatch):
+    q, k, v = qkv(b=2, lq=100, lk=11, heads=3)
+    sizes = []
+    real_softmax = torch.softmax
+    monkeypatch.setattr(attention_module.torch, "softmax",
+                        lambda x, dim: sizes.append(x.numel()) or real_softmax(x, dim=dim))
+    attention(q, k, v, 3, chunk_logits=2 * 3 * 11 * 16)
+    assert max(sizes) <= 2 * 3 * 11 * 16 and sum(sizes) == 2 * 3 * 100 * 11 and len(sizes) == 7
 
 
-def test_subject_list_parsing():
-    assert parse_subjects("") == [] and parse_subjects("   ") == []
-    assert parse_subjects(" cat,red hat , dog") == ["cat", "red hat", "dog"]
-    with pytest.raises(ValueError, match="^subjects: 'cat,' has an empty entry"):
-        parse_subjects("cat,")
-
-
-def test_subjects_are_found_as_whole_token_sequences_after_the_start_token():
-    prompt = [900, 1, 2, 3, 1, 4, 999]  # start, "a", "red", "hat", "a", "cat", end
-    names = ["a", "red", "hat", "a", "cat"]
-    assert find_subject_tokens(prompt, [[2, 3], [4], [1]], ["red hat", "cat", "a"], names) == [[2, 3], [5], [1]]
-    with pytest.raises(ValueError) as err:
-        find_subject_tokens(prompt, [[3, 2]], ["hat red"], names)
-    assert str(err.value) == ("subjects: 'hat red' is not in the prompt. The prompt's tokens are: "
-                              "'a', 'red', 'hat', 'a', 'cat'")
-    with pytest.raises(ValueError, match="^subjects: '!' gives no tokens"):
-        find_subject_tokens(prompt, [[]], ["!"], names)
-    with pytest.raises(ValueError, match="is not in the prompt"):  # the start token is not a word
-        find_subject_tokens(prompt, [[900]], ["<start>"], names)
-
-
-def test_a_subject_of_several_tokens_gets_the_sum_of_their_maps():
-    probs = torch.rand(2, 4, 8, generator=torch.Generator().manual_seed(0))
-    tokens = subject_token_maps(probs, [2, 3, 5], 2, 2, last_token=7)
-    maps = subject_maps(probs, [[2, 3], [5]], 2, 2, last_token=7)
-    torch.testing.assert_close(maps[:, 0], tokens[:, 0] + tokens[:, 1])
-    torch.testing.assert_close(maps[:, 1], tokens[:, 2])
-    assert float(maps.max()) <= 1.0
-
-
-def test_threshold_schedule_parsing():
-    assert parse_thresholds("0: 0.05, 10: 0.5, 20: 0.8") == {0: 0.05, 10: 0.5, 20: 0.8}
-    assert parse_thresholds("") == {}
-    for bad, message in [("10 0.5", "is not 'step: value'"), ("-1: 0.5", "needs a step >= 0"),
-                         ("2: 0", "value in \\(0, 1\\]")]:
-        with pytest.raises(ValueError, match="^thresholds: .*" + message):
-            parse_thresholds(bad)
+def test_attention_refuses_shapes_that_do_not_fit_the_heads():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"^attention: q \(2, 37, 24\), k \(2, 11, 24\), v \(2, 11, 15\) do not make"):
+        attention(q, k, v, 5)

@@ -38,9 +38,17 @@ def with_cameras(conditioning, views: int = 4):
     return run_node(MVDreamConditioning, conditioning=conditioning, cameras=cams).result[0]
 
 
-def sample(model, positive, negative, sampler, steps: int = 4, seed: int = 7, batch: int = 4, size: int = 16):
-    """Core SamplerCustom on a ``batch`` of ``size`` x ``size`` latents (16: 128 px, 4x4 maps; fast on a CPU)."""
+def sample(model, positive, negative, sampler, steps: int = 4, seed: int = 7, batch: int = 4, size: int = 16,
+           reports: list | None = None):
+    """Core SamplerCustom on a ``batch`` of ``size`` x ``size`` latents (16: 128 px, 4x4 maps; fast on a CPU).
+    ``reports``: a list that receives the refocus sampler's report of the run (through the MODEL's options)."""
     from comfy_extras.nodes_custom_sampler import BasicScheduler, SamplerCustom
+
+    from compose3d.nodes.types import REFOCUS_REPORT_KEY
+
+    if reports is not None:
+        model = model.clone()
+        model.model_options[REFOCUS_REPORT_KEY] = reports.append
 
     (sigmas,) = run_node(BasicScheduler, model=model, scheduler="ddim_uniform", steps=steps, denoise=1.0).result
     out = run_node(SamplerCustom, model=model, add_noise=True, noise_seed=seed, cfg=7.5, positive=positive,
@@ -103,10 +111,12 @@ def test_without_subject_words_it_is_plain_ddim_bit_for_bit(mvdream):
     plain = sample(model, positive, negative, ddim)
     assert torch.equal(sample(model, positive, negative, refocus_sampler(clip, "")), plain)
     assert torch.equal(sample(model, positive, negative, refocus_sampler(clip, "cat", refocus_steps=0)), plain)
-    refocused = refocus_sampler(clip, "cat, dog")
-    changed = sample(model, positive, negative, refocused)
+    refocused, reports = refocus_sampler(clip, "cat, dog"), []
+    changed = sample(model, positive, negative, refocused, reports=reports)
     assert (changed - plain).abs().max() > 1e-3  # refocusing moved the latent
-    report = refocused.last_report
+    assert len(reports) == 1  # one report per run, none kept on the SAMPLER
+    assert set(vars(refocused)) == {"sampler_function", "extra_options", "inpaint_options"}  # a core KSAMPLER
+    report = reports[0]
     assert report.steps == [0, 1] and len(report.before[0]) == 2
     assert report.maps.shape == (4, 2, 4, 4)  # per view and subject, at 1/4 of the latent size
 
@@ -128,8 +138,9 @@ def test_planted_neglected_subject_gets_more_attention_in_its_weakest_view(mvdre
     runs = {}
     for name, cond, tries in [("natural", raw, 0), ("planted", [[context, raw[0][1]]], TRIES)]:
         sampler = refocus_sampler(clip, "cat, dog", refocus_steps=1, thresholds="0: 0.99", max_tries=tries)
-        sample(model, with_cameras(cond), negative, sampler, steps=1, size=32)
-        runs[name] = sampler.last_report
+        reports = []
+        sample(model, with_cameras(cond), negative, sampler, steps=1, size=32, reports=reports)
+        runs[name] = reports[0]
     assert runs["natural"].maps.shape == (4, 2, 8, 8)
     planted = runs["planted"]
     assert planted.before[0][0] < runs["natural"].before[0][0] - 0.03  # the plant worked: the cat is neglected
@@ -143,9 +154,10 @@ def test_refocusing_works_with_other_samplers_and_two_objects(mvdream):
     positive, negative = with_cameras(encode(clip, PROMPT)), with_cameras(encode(clip, ""))
     for name, batch in (("euler_ancestral", 4), ("dpmpp_2m", 8)):  # 8: two objects of four views
         sampler = refocus_sampler(clip, "cat, dog", sampler_name=name, refocus_steps=1, thresholds="")
-        out = sample(model, positive, negative, sampler, steps=2, batch=batch)
+        reports = []
+        out = sample(model, positive, negative, sampler, steps=2, batch=batch, reports=reports)
         assert out.shape == (batch, 4, 16, 16) and torch.isfinite(out).all()
-        assert sampler.last_report.maps.shape == (batch, 2, 4, 4)
+        assert reports[0].maps.shape == (batch, 2, 4, 4)
 
 
 def test_attention_patches_already_on_the_model_keep_running_during_refocus_passes(mvdream):
@@ -208,8 +220,9 @@ def test_refinement_moves_only_the_objects_below_the_threshold(mvdream):
     outputs, tries = {}, {}
     for max_tries in (0, 3):
         sampler = refocus_sampler(clip, "cat, dog", refocus_steps=1, thresholds="0: 0.1", max_tries=max_tries)
-        outputs[max_tries] = sample(model, positive, negative, sampler, steps=1, batch=8, size=32)
-        tries[max_tries] = sampler.last_report.tries[0]
+        reports = []
+        outputs[max_tries] = sample(model, positive, negative, sampler, steps=1, batch=8, size=32, reports=reports)
+        tries[max_tries] = reports[0].tries[0]
     assert tries[0] == 0 and tries[3] >= 1
     moved = (outputs[3] - outputs[0]).abs().flatten(1).amax(dim=1)
     assert float(moved[:4].min()) > 1e-3  # object 0's views were refined
