@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import check_shape
+
 #: Most logits (B x H x queries x keys) one chunk of :func:`attention` holds: 2^25 floats, 128 MiB in float32.
 CHUNK_LOGITS = 1 << 25
 
@@ -44,12 +46,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, logit_bias: Tensor | 
     tensor([[[0.3333, 0.3333, 0.3333],
              [0.3333, 0.3333, 0.3333]]])
     """
-    b, lq, channels = q.shape
-    lk = k.shape[1]
-    if channels % heads or k.shape[-1] != channels or v.shape[-1] % heads or k.shape[0] != b \
-            or v.shape[:2] != k.shape[:2]:
-        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not make "
-                         f"(B, Lq, H*D), (B, Lk, H*D), (B, Lk, H*Dv) with H = {heads}")
+    sizes = check_shape("q", q, ("B", "Lq", "C"))
+    check_shape("k", k, ("B", "Lk", "C"), sizes=sizes)
+    check_shape("v", v, ("B", "Lk", "Cv"), sizes=sizes)
+    b, lq, lk, channels = sizes["B"], sizes["Lq"], sizes["Lk"], sizes["C"]
+    if channels % heads or sizes["Cv"] % heads:
+        raise ValueError(f"heads: {heads} heads do not divide the {channels} query/key channels and {sizes['Cv']} "
+                         f"value channels")
     dim = channels // heads
     qh = q.reshape(b, lq, heads, dim).transpose(1, 2)  # (B, H, Lq, D)
     kh = k.reshape(b, lk, heads, dim).transpose(1, 2)

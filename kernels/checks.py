@@ -97,3 +97,51 @@ def check_file_name(name: str, text: str) -> str:
     if ".." in stripped.replace("\\", "/").split("/"):
         raise ValueError(f"{name}: {text!r} contains '..'; files must stay inside the output folder")
     return stripped
+
+
+def check_shape(name: str, tensor, shape: Sequence[int | str], *, sizes: dict[str, int] | None = None,
+                note: str = "") -> dict[str, int]:
+    """Check a tensor's shape against a pattern, in the manner of kornia's ``KORNIA_CHECK_SHAPE``.
+
+    Args:
+        name: the argument's name, first in the message.
+        tensor: anything with ``.shape``.
+        shape: one entry per dimension: an int (that exact size), a name such as ``"B"`` (any size; the same name
+            must have the same size everywhere it appears, also across calls sharing ``sizes``), or ``"*"`` as
+            the first entry (any number of leading dimensions, including none).
+        sizes: named sizes already known (updated in place with the ones found here).
+        note: text put after the expected shape in the message (e.g. ``" (min corner, max corner)"``).
+
+    Returns:
+        ``sizes``: each name's size.
+
+    Raises:
+        ValueError: ``"{name}: expected shape (B, H, W, 3){note}, got (2, 5)"``.
+
+    >>> check_shape("images", torch.zeros(2, 8, 9, 3), ("B", "H", "W", 3))
+    {'B': 2, 'H': 8, 'W': 9}
+    """
+    sizes = {} if sizes is None else sizes
+    pattern = list(shape)
+    got = tuple(getattr(tensor, "shape", ()))
+    leading = bool(pattern) and pattern[0] == "*"
+    if leading:
+        pattern = pattern[1:]
+    expected = "(" + ", ".join(str(p) for p in (["..."] if leading else []) + pattern) + \
+        ("," if len(pattern) == 1 and not leading else "") + ")"
+    ok = hasattr(tensor, "shape") and (len(got) >= len(pattern) if leading else len(got) == len(pattern))
+    found: dict[str, int] = {}
+    if ok:
+        for want, size in zip(pattern, got[len(got) - len(pattern):]):
+            if isinstance(want, str):
+                known = sizes.get(want, found.get(want))
+                if known is not None and known != size:
+                    ok = False
+                found.setdefault(want, size)
+            elif size != want:
+                ok = False
+    if not ok:
+        shown = got if hasattr(tensor, "shape") else f"a {type(tensor).__name__}"
+        raise ValueError(f"{name}: expected shape {expected}{note}, got {shown}")
+    sizes.update(found)
+    return sizes

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..kernels.background import SolidBackground
 from ..kernels.cameras import Cameras
+from ..kernels.checks import check_shape
 from ..kernels.field import config_for_device
 from ..kernels.nerf import NeRF
 from ..kernels.reconstruct import FitSettings, StepInfo, fit_views
@@ -19,9 +20,8 @@ PREVIEW_SIZE = 128
 
 def check_views(images: torch.Tensor, cameras: Cameras, masks: torch.Tensor | None) -> None:
     """Raise ValueError naming the input when images, masks and cameras do not describe the same views."""
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images: expected an IMAGE batch (B, H, W, 3), got shape {tuple(images.shape)}")
-    b, h, w, _ = images.shape
+    sizes = check_shape("images", images, ("B", "H", "W", 3), note=" (an IMAGE batch)")
+    b, h, w = sizes["B"], sizes["H"], sizes["W"]
     if len(cameras) != b:
         raise ValueError(f"cameras: {len(cameras)} cameras for {b} images; give one camera per image "
                          f"(e.g. Orbit Cameras with views={b})")

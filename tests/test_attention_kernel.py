@@ -89,5 +89,9 @@ def test_chunks_bound_the_logits_held_at_once(monkeypatch):
 
 def test_attention_refuses_shapes_that_do_not_fit_the_heads():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"^attention: q \(2, 37, 24\), k \(2, 11, 24\), v \(2, 11, 15\) do not make"):
+    with pytest.raises(ValueError, match=r"^heads: 5 heads do not divide the 24 query/key channels and 15 value"):
         attention(q, k, v, 5)
+    with pytest.raises(ValueError, match=r"^k: expected shape \(B, Lk, C\), got \(2, 11, 23\)$"):
+        attention(q, k[..., 1:], v, 3)
+    with pytest.raises(ValueError, match=r"^v: expected shape \(B, Lk, Cv\), got \(2, 10, 15\)$"):
+        attention(q, k, v[:, 1:], 3)
