@@ -124,16 +124,23 @@ def test_without_subject_words_it_is_plain_ddim_bit_for_bit(mvdream):
 TRIES = 4
 
 
-def test_planted_neglected_subject_gets_more_attention_in_its_weakest_view(mvdream):
-    """Plant: the dog's text embedding is amplified so it dominates the cross-attention and the cat is neglected.
-    Refocusing (latent updates at the first step) must raise the cat's min over views of max attention.
-    32x32 latents, so the maps are MVDream's 8x8."""
-    model, clip, _ = mvdream
+def planted_prompt(clip):
+    """PROMPT's conditioning and its (1, 77, C) context with the dog's token embedding amplified x3, so the dog
+    dominates the cross-attention and the cat is neglected."""
     dog = resolve_subjects(clip, PROMPT, "cat, dog").positions[1][0]
     with torch.inference_mode():
         raw = encode(clip, PROMPT)
         context = raw[0][0].clone()
         context[:, dog] *= 3.0
+    return raw, context
+
+
+def test_planted_neglected_subject_gets_more_attention_in_its_weakest_view(mvdream):
+    """Plant: the dog's text embedding is amplified so it dominates the cross-attention and the cat is neglected.
+    Refocusing (latent updates at the first step) must raise the cat's min over views of max attention.
+    32x32 latents, so the maps are MVDream's 8x8."""
+    model, clip, _ = mvdream
+    raw, context = planted_prompt(clip)
     negative = with_cameras(encode(clip, ""))
     runs = {}
     for name, cond, tries in [("natural", raw, 0), ("planted", [[context, raw[0][1]]], TRIES)]:
@@ -210,12 +217,8 @@ def test_refinement_moves_only_the_objects_below_the_threshold(mvdream):
     """Two objects in one batch, the cat neglected (planted) only in object 0: the refinement tries change object
     0's result and leave object 1 (above the threshold) exactly as with no tries."""
     model, clip, _ = mvdream
-    dog = resolve_subjects(clip, PROMPT, "cat, dog").positions[1][0]
-    with torch.inference_mode():
-        raw = encode(clip, PROMPT)
-        planted = raw[0][0].clone()
-        planted[:, dog] *= 3.0
-        per_view = torch.cat([planted.repeat(4, 1, 1), raw[0][0].repeat(4, 1, 1)])  # (8, 77, C)
+    raw, planted = planted_prompt(clip)
+    per_view = torch.cat([planted.repeat(4, 1, 1), raw[0][0].repeat(4, 1, 1)])  # (8, 77, C)
     positive, negative = with_cameras([[per_view, raw[0][1]]]), with_cameras(encode(clip, ""))
     outputs, tries = {}, {}
     for max_tries in (0, 3):
