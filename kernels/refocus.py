@@ -79,49 +79,6 @@ def refocus_step_size(step: int, steps: int, scale: float = 20.0) -> float:
     return scale * math.sqrt(1.0 - 0.5 * step / (steps - 1))
 
 
-def parse_subjects(text: str) -> list[str]:
-    """Comma-separated subject words -> stripped entries; an empty text means no subjects.
-
-    Raises:
-        ValueError: an entry is empty (e.g. ``"cat,,dog"`` or a trailing comma).
-    """
-    if not text.strip():
-        return []
-    entries = [part.strip() for part in text.split(",")]
-    if any(not e for e in entries):
-        raise ValueError(f"subjects: {text!r} has an empty entry; separate subject words by single commas, "
-                         f"e.g. 'cat, dog'")
-    return entries
-
-
-def find_subject_tokens(prompt_ids: list[int], subject_ids: list[list[int]], subjects: list[str],
-                        token_names: list[str]) -> list[list[int]]:
-    """Positions of each subject's tokens in the prompt (first occurrence of the whole token sequence).
-
-    Args:
-        prompt_ids: the prompt's token ids, the start token at position 0 (positions are indices into this).
-        subject_ids: each subject's token ids, tokenized alone (no start/end tokens).
-        subjects: the subjects as typed (for messages).
-        token_names: the prompt's tokens as text, listed when a subject is missing.
-
-    Raises:
-        ValueError: a subject tokenizes to nothing or does not occur in the prompt; the message lists the
-            prompt's tokens.
-    """
-    listing = ", ".join(repr(t) for t in token_names) or "(none)"
-    positions = []
-    for subject, ids in zip(subjects, subject_ids):
-        if not ids:
-            raise ValueError(f"subjects: {subject!r} gives no tokens; name words of the prompt. "
-                             f"The prompt's tokens are: {listing}")
-        n = len(ids)
-        at = next((i for i in range(1, len(prompt_ids) - n + 1) if prompt_ids[i:i + n] == ids), None)
-        if at is None:
-            raise ValueError(f"subjects: {subject!r} is not in the prompt. The prompt's tokens are: {listing}")
-        positions.append(list(range(at, at + n)))
-    return positions
-
-
 def subject_maps(probs: Tensor, positions: list[list[int]], height: int, width: int, last_token: int,
                  temperature: float = 100.0) -> Tensor:
     """Per-view maps of whole subjects: a subject of several tokens gets the sum of its tokens' maps.

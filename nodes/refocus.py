@@ -28,10 +28,10 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io
 
-from ..kernels.refocus import (find_subject_tokens, parse_subjects, parse_thresholds, refocus_loss,
-                               refocus_step_size, smooth_maps, subject_maps)
+from ..kernels.refocus import parse_thresholds, refocus_loss, refocus_step_size, smooth_maps, subject_maps
 from .attention_patch import explicit_attention, patch_unet_attention
 from .common import PREVIEW_MAX_PX, check_interrupt, to_pil
+from .tokens import PhraseWording, resolve_phrases
 from .types import CAMERA_KEY, CATEGORY, REFOCUS_REPORT_KEY
 from .validation import Compose3DNode
 
@@ -52,6 +52,11 @@ class Subjects:
     last_token: int  # position of the end token; words are 1 .. last_token - 1
 
 
+#: How the refocus sampler's messages about its subject words are worded.
+SUBJECT_WORDING = PhraseWording(input_name="subjects", items="subject words", example="'cat, dog'",
+                                purpose="refocusing")
+
+
 def resolve_subjects(clip, prompt: str, subjects_text: str) -> Subjects | None:
     """Map comma-separated subject words to token positions of ``prompt``; None when no subjects are given.
 
@@ -59,41 +64,10 @@ def resolve_subjects(clip, prompt: str, subjects_text: str) -> Subjects | None:
         ValueError: empty entries, words not in the prompt (the message lists the prompt's tokens), or a prompt
             longer than one 77-token window.
     """
-    names = parse_subjects(subjects_text)
-    if not names:
+    found = resolve_phrases(clip, prompt, subjects_text, SUBJECT_WORDING)
+    if found is None:
         return None
-    if not prompt.strip():
-        raise ValueError("prompt: empty; give the same text as the positive prompt so subject words can be found")
-    outer = clip.tokenizer
-    inner = getattr(outer, outer.clip)  # the SDTokenizer of the model's CLIP (clip_l / clip_h)
-
-    def token_ids(text: str) -> list[list[int]]:
-        chunks = outer.tokenize_with_weights(text)[outer.clip_name]
-        return [[t for t, *_ in chunk] for chunk in chunks]
-
-    end = inner.end_token
-
-    def end_of(chunk: list[int]) -> int:
-        return chunk.index(end, 1) if end in chunk[1:] else len(chunk)
-
-    chunks = token_ids(prompt)
-    ids = chunks[0]
-    last = end_of(ids)
-    if len(chunks) > 1:
-        count = sum(end_of(c) - 1 for c in chunks)
-        raise ValueError(f"prompt: {count} tokens; refocusing needs the prompt to fit one "
-                         f"{inner.max_length - 2}-token window")
-
-    def word(t: int) -> str:
-        return inner.inv_vocab.get(t, str(t)).replace("</w>", "")
-
-    names_of_tokens = [word(t) for t in ids[1:last]]
-    subject_ids = []
-    for name in names:
-        sub = token_ids(name)[0]
-        subject_ids.append(sub[1:end_of(sub)])
-    positions = find_subject_tokens(ids[:last], subject_ids, names, names_of_tokens)
-    return Subjects(names, positions, last)
+    return Subjects(found.phrases, found.primary.positions, found.primary.last_token)
 
 
 # ------------------------------------------------------------------------------------------------ capture

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from compose3d.kernels.refocus import (find_subject_tokens, parse_subjects, parse_thresholds, refocus_loss,
-                                       refocus_step_size, smooth_maps, subject_maps, subject_token_maps)
+from compose3d.kernels.refocus import (parse_thresholds, refocus_loss, refocus_step_size, smooth_maps, subject_maps,
+                                       subject_token_maps)
 
 
 def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
@@ -88,27 +88,6 @@ def test_step_size_follows_sqrt_linspace_from_one_to_a_half():
     assert refocus_step_size(0, 25) == pytest.approx(20.0)
     assert refocus_step_size(24, 25) == pytest.approx(20 * math.sqrt(0.5))
     assert refocus_step_size(12, 25) == pytest.approx(20 * math.sqrt(0.75))
-
-
-def test_subject_list_parsing():
-    assert parse_subjects("") == [] and parse_subjects("   ") == []
-    assert parse_subjects(" cat,red hat , dog") == ["cat", "red hat", "dog"]
-    with pytest.raises(ValueError, match="^subjects: 'cat,' has an empty entry"):
-        parse_subjects("cat,")
-
-
-def test_subjects_are_found_as_whole_token_sequences_after_the_start_token():
-    prompt = [900, 1, 2, 3, 1, 4, 999]  # start, "a", "red", "hat", "a", "cat", end
-    names = ["a", "red", "hat", "a", "cat"]
-    assert find_subject_tokens(prompt, [[2, 3], [4], [1]], ["red hat", "cat", "a"], names) == [[2, 3], [5], [1]]
-    with pytest.raises(ValueError) as err:
-        find_subject_tokens(prompt, [[3, 2]], ["hat red"], names)
-    assert str(err.value) == ("subjects: 'hat red' is not in the prompt. The prompt's tokens are: "
-                              "'a', 'red', 'hat', 'a', 'cat'")
-    with pytest.raises(ValueError, match="^subjects: '!' gives no tokens"):
-        find_subject_tokens(prompt, [[]], ["!"], names)
-    with pytest.raises(ValueError, match="is not in the prompt"):  # the start token is not a word
-        find_subject_tokens(prompt, [[900]], ["<start>"], names)
 
 
 def test_a_subject_of_several_tokens_gets_the_sum_of_their_maps():
