@@ -76,7 +76,11 @@ def test_subject_words_map_to_the_tokenizers_positions(mvdream):
         word_ids = oracle(word)["input_ids"][1:-1]
         assert [ids[p] for p in positions] == word_ids
     assert subjects.last_token == len(ids) - 1
-    assert len(subjects.positions[0]) == len(oracle("corgi")["input_ids"]) - 2  # a word split into BPE pieces
+    assert len(subjects.positions[0]) == len(oracle("corgi")["input_ids"]) - 2
+    # a word split into BPE pieces gets all of them ("corgi" is one token; "axolotl" is four)
+    split = resolve_subjects(clip, "an axolotl in a hat", "axolotl, hat")
+    pieces = oracle("axolotl")["input_ids"][1:-1]
+    assert len(pieces) > 1 and split.positions == [list(range(2, 2 + len(pieces))), [4 + len(pieces)]]
 
 
 def test_subjects_not_in_the_prompt_or_empty_get_errors_listing_the_prompts_tokens(mvdream):
