@@ -16,7 +16,6 @@ sampler runs untouched. The cross-attention is captured through :mod:`nodes.atte
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from ..kernels.refocus import parse_thresholds, refocus_loss, refocus_step_size,
 from .attention_patch import explicit_attention, patch_unet_attention
 from .common import PREVIEW_MAX_PX, check_interrupt, to_pil
 from .tokens import PhraseWording, resolve_phrases
+from .training import autograd_weights
 from .types import CAMERA_KEY, CATEGORY, REFOCUS_REPORT_KEY
 from .validation import Compose3DNode
 
@@ -103,36 +103,6 @@ class AttentionCapture:
             return out
 
         return attn2
-
-
-@contextlib.contextmanager
-def autograd_weights(diffusion_model: torch.nn.Module):
-    """Let autograd save the model's weights even if they were created in inference mode.
-
-    ComfyUI loads and patches weights inside ``torch.inference_mode``; such tensors cannot be saved for backward.
-    An identity weight function makes ComfyUI's ops use a fresh copy of each weight per call (the mechanism LoRA
-    training uses); it is removed afterwards. Nothing happens when all weights are ordinary tensors.
-    """
-    modules = [m for m in diffusion_model.modules() if hasattr(m, "weight_function")
-               and any(p.is_inference() for p in m.parameters(recurse=False))]
-    saved = []
-    for m in modules:
-        saved.append((m, m.__dict__.get("weight_function"), m.__dict__.get("bias_function")))
-        m.weight_function = list(m.weight_function) + [_identity]
-        m.bias_function = list(m.bias_function) + [_identity]
-    try:
-        yield
-    finally:
-        for m, wf, bf in saved:
-            for name, old in (("weight_function", wf), ("bias_function", bf)):
-                if old is None:
-                    m.__dict__.pop(name, None)
-                else:
-                    setattr(m, name, old)
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
 
 
 # ------------------------------------------------------------------------------------------------- sampler

@@ -1,0 +1,141 @@
+"""Training glue on the ComfyUI side: gradients through weights ComfyUI loaded, and VAE encoding with gradients.
+
+ComfyUI runs every prompt under ``torch.inference_mode()``, so the weights it loads during a prompt are inference
+tensors, which autograd refuses to save for a backward pass. Training code enters ``torch.inference_mode(False)``
+and lets the frozen weights take part in autograd through:
+
+- :func:`autograd_weights`: an identity weight function on every ComfyUI-ops layer (the mechanism LoRA training
+  uses): each call computes with a fresh, ordinary copy of the weight.
+- :func:`autograd_tensors`: the same, for everything a weight function does not reach (plain parameters and
+  buffers such as TAESD's ``vae_scale``): ordinary copies stand in for them while the context is open.
+
+:func:`encode_with_grad` encodes images with a ComfyUI VAE so that gradients reach the pixels (SDS on latents).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+import comfy.model_management
+
+from ..kernels.checks import check_shape
+
+
+@contextlib.contextmanager
+def autograd_weights(diffusion_model: torch.nn.Module):
+    """Let autograd save the model's weights even if they were created in inference mode.
+
+    ComfyUI loads and patches weights inside ``torch.inference_mode``; such tensors cannot be saved for backward.
+    An identity weight function makes ComfyUI's ops use a fresh copy of each weight per call (the mechanism LoRA
+    training uses); it is removed afterwards. Nothing happens when all weights are ordinary tensors.
+    """
+    modules = [m for m in diffusion_model.modules() if hasattr(m, "weight_function")
+               and any(p.is_inference() for p in m.parameters(recurse=False))]
+    saved = []
+    for m in modules:
+        saved.append((m, m.__dict__.get("weight_function"), m.__dict__.get("bias_function")))
+        m.weight_function = list(m.weight_function) + [_identity]
+        m.bias_function = list(m.bias_function) + [_identity]
+    try:
+        yield
+    finally:
+        for m, wf, bf in saved:
+            for name, old in (("weight_function", wf), ("bias_function", bf)):
+                if old is None:
+                    m.__dict__.pop(name, None)
+                else:
+                    setattr(m, name, old)
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+@contextlib.contextmanager
+def autograd_tensors(module: torch.nn.Module):
+    """Replace, while open, every inference-mode parameter and buffer of ``module`` that :func:`autograd_weights`
+    does not cover (anything but the ``weight``/``bias`` of ComfyUI-ops layers) by an ordinary frozen copy.
+
+    Use together with :func:`autograd_weights`. The copies are made here (outside inference mode) and the
+    originals are put back on exit; gradients never flow into the copies (``requires_grad=False``).
+    """
+    swapped = []
+    with torch.inference_mode(False):
+        for m in module.modules():
+            covered = ("weight", "bias") if hasattr(m, "weight_function") else ()
+            for store in (m._parameters, m._buffers):
+                for name, tensor in list(store.items()):
+                    if tensor is None or name in covered or not tensor.is_inference():
+                        continue
+                    copy = tensor.detach().clone()
+                    store[name] = torch.nn.Parameter(copy, requires_grad=False) if store is m._parameters else copy
+                    swapped.append((store, name, tensor))
+    try:
+        yield
+    finally:
+        for store, name, tensor in reversed(swapped):
+            store[name] = tensor
+
+
+@contextlib.contextmanager
+def _posterior_sample(first_stage_model: torch.nn.Module, generator: torch.Generator | None):
+    """While open, a KL VAE's encoder returns a posterior sample ``mean + std * noise`` (noise drawn from
+    ``generator``) instead of the posterior mode. No-op without a generator or for VAEs without a posterior."""
+    regularizer = getattr(first_stage_model, "regularization", None)
+    if generator is None or type(regularizer).__name__ != "DiagonalGaussianRegularizer":
+        yield
+        return
+
+    def sample(module, args, output):
+        mean, logvar = torch.chunk(args[0], 2, dim=1)  # DiagonalGaussianDistribution's split and clamp
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
+        return mean + std * noise.to(mean.device, mean.dtype), output[1]
+
+    handle = regularizer.register_forward_hook(sample)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def encode_with_grad(vae, images: Tensor, model=None, generator: torch.Generator | None = None) -> Tensor:
+    """Encode ``images`` with a ComfyUI ``VAE`` so that gradients reach them.
+
+    Args:
+        vae: a ComfyUI VAE (from a checkpoint or VAE loader), image VAEs with 2-D latents (KL or TAESD).
+        images: (B, H, W, 3) in [0, 1], usually requiring grad (e.g. NeRF renders). Cropped like
+            ``vae.encode`` crops them when H or W is not a multiple of the VAE's downscale factor.
+        model: a ComfyUI MODEL: if given, the latents are put into its latent space
+            (``model.model.process_latent_in``, e.g. x 0.18215 for SD1/SD2), the space its UNet denoises.
+        generator: draw a posterior sample (``mean + std * noise``) from a KL VAE instead of its mode, with noise
+            from this generator (MVDream's SDS encodes this way). TAESD has no posterior: its encoding is returned.
+
+    Returns:
+        (B, C, H/f, W/f) float32 latents on the VAE's device, differentiable w.r.t. ``images``. Without ``model``
+        and ``generator`` they equal ``vae.encode(images)`` (which returns them detached, on the intermediate
+        device). The whole batch is encoded at once (``vae.encode`` splits batches to fit free memory).
+
+    Works inside ComfyUI's ``torch.inference_mode()``: the encoding runs under ``inference_mode(False)`` with the
+    VAE's weights made usable by autograd (:func:`autograd_weights`, :func:`autograd_tensors`).
+    """
+    check_shape("images", images, ("B", "H", "W", 3), note=" (an IMAGE batch)")
+    vae.throw_exception_if_invalid()
+    if getattr(vae, "latent_dim", 2) != 2:
+        raise ValueError("vae: encoding with gradients supports image VAEs (2-D latents); this VAE has "
+                         f"{vae.latent_dim}-D latents (a video or audio VAE)")
+    with torch.inference_mode(False), torch.enable_grad():  # ops under inference mode would cut the graph
+        pixels = vae.vae_encode_crop_pixels(images).movedim(-1, 1)  # (B, 3, H', W')
+    memory = vae.memory_used_encode(pixels.shape, vae.vae_dtype)
+    comfy.model_management.load_models_gpu([vae.patcher], memory_required=memory,
+                                           force_full_load=vae.disable_offload)
+    first_stage = vae.first_stage_model
+    with torch.inference_mode(False), torch.enable_grad(), autograd_weights(first_stage), \
+            autograd_tensors(first_stage), _posterior_sample(first_stage, generator):
+        x = vae.process_input(pixels).to(vae.vae_dtype).to(vae.device)
+        latents = first_stage.encode(x).float()
+        if model is not None:
+            latents = model.model.process_latent_in(latents)
+    return latents
