@@ -164,7 +164,10 @@ def patch_mmdit_attention(model_options: dict, blocks: list[int],
         heads = kwargs.get("heads", args[0] if args else None)
         if tag is None or q.shape[1] != tag[1] + tag[2] or heads is None:
             return default()
-        return handler(JointAttentionCall(tag[0], tag[1], heads, q, k, v, kwargs["transformer_options"], default))
+        # MMDiT hands v over unflattened, (B, L, H, D), next to qk-normed (B, L, H * D) q and k.
+        flat_v = v.reshape(v.shape[0], v.shape[1], -1)
+        return handler(JointAttentionCall(tag[0], tag[1], heads, q, k, flat_v, kwargs["transformer_options"],
+                                          default))
 
     transformer_options["optimized_attention_override"] = override
     for index in blocks:

@@ -160,6 +160,7 @@ def test_the_mmdit_recipe_hands_the_tagged_joint_attention_to_the_handler(sd3):
     assert seen == [(b, context.shape[1]) for b in blocks]
     call, probs = kept[blocks[0]]
     b, length, channels = call.q.shape
+    assert call.k.shape == call.v.shape == call.q.shape  # MMDiT's unflattened v comes to the handler flat
     dim = channels // call.heads
     q = call.q.double().reshape(b, length, call.heads, dim).transpose(1, 2)
     k = call.k.double().reshape(b, length, call.heads, dim).transpose(1, 2)
