@@ -78,6 +78,11 @@ class RadianceField(nn.Module):
         self.activation = ACTIVATIONS[config.density_activation]
         self.register_buffer("aabb", torch.tensor([[-config.bound] * 3, [config.bound] * 3]), persistent=False)
 
+    @property
+    def channels(self) -> int:
+        """C = 3: the renderer's feature channels are this field's RGB."""
+        return self.color_net[-1].out_features
+
     def encode(self, x: Tensor) -> Tensor:
         """(P, 3) world -> (P, L * F) features of the normalised position."""
         return self.encoding((x + self.config.bound) / (2 * self.config.bound))

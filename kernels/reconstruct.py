@@ -177,7 +177,7 @@ def _chunk_loss(nerf: NeRF, pixels: PosedPixels, pick: Tensor, jitter: Tensor, s
     out = render_rays(nerf.field, nerf.background, pixels.origins[pick].to(device),
                       pixels.directions[pick].to(device), nerf.render.samples_per_ray,
                       occupancy=nerf.occupancy if skip_empty else None, jitter=jitter)
-    mse = F.mse_loss(out["rgb"], pixels.targets[pick].to(device))
+    mse = F.mse_loss(out["features"], pixels.targets[pick].to(device))
     loss = mse
     if pixels.masks is not None and mask_weight > 0:
         loss = loss + mask_weight * F.mse_loss(out["opacity"], pixels.masks[pick].to(device))

@@ -1,5 +1,9 @@
 """Renderer: rays -> samples in the field's box -> field -> volume rendering, batched and chunked.
 
+Any field with C feature channels renders: RGB radiance fields have C = 3, a part field C = K part affinities.
+A field is a module with ``aabb`` (2, 3), ``channels`` (C), ``field(x) -> (density (P,), features (P, C))`` and,
+for normals, ``field.normals(x) -> (P, 3)``; a background maps ray directions (R, 3) to (R, C).
+
 Samples are stratified: each ray's segment inside the box is cut into ``samples_per_ray`` equal intervals and
 each interval is sampled once (at its middle, or at a random point when ``perturb``). Samples in empty
 occupancy-grid cells are not evaluated. ``render_views`` renders whole images in chunks of rays so large
@@ -14,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .cameras import Cameras
+from .checks import check_shape
 from .field import RadianceField
 from .occupancy import OccupancyGrid
 from .rays import camera_rays, ray_aabb
@@ -54,11 +59,12 @@ def render_rays(field: RadianceField, background: nn.Module, origins: Tensor, di
             is then ignored); lets a caller draw one batch's randomness once and render it in chunks.
         with_normals: also render normals (one extra density-gradient pass, no graph).
 
-    Returns dict of: ``rgb`` (R, 3), ``opacity`` (R, 1), ``depth`` (R, 1) expected distance along the ray
-    (0 where nothing is hit), ``normal`` (R, 3) weighted world-space normals if asked, and ``samples`` (the
-    number of field evaluations, for benchmarks). rgb/opacity/depth are differentiable w.r.t. the field.
+    Returns dict of: ``features`` (R, C) the field's C channels accumulated over the background's (RGB for a
+    radiance field), ``opacity`` (R, 1), ``depth`` (R, 1) expected distance along the ray (0 where nothing is
+    hit), ``normal`` (R, 3) weighted world-space normals if asked, and ``samples`` (the number of field
+    evaluations, for benchmarks). features/opacity/depth are differentiable w.r.t. the field (and background).
     """
-    r, s = origins.shape[0], samples_per_ray
+    r, s, c = origins.shape[0], samples_per_ray, field.channels
     device = origins.device
     t_near, t_far, hit = ray_aabb(origins, directions, field.aabb)
     t_far = torch.where(hit, t_far, t_near)
@@ -79,15 +85,19 @@ def render_rays(field: RadianceField, background: nn.Module, origins: Tensor, di
         valid = valid & occupancy.query(points.reshape(-1, 3)).view(r, s)
     flat = points[valid]
     sigmas = torch.zeros(r, s, device=device, dtype=points.dtype)
-    colors = torch.zeros(r, s, 3, device=device, dtype=points.dtype)
+    features = torch.zeros(r, s, c, device=device, dtype=points.dtype)
     if flat.shape[0] > 0:
-        sigma_v, rgb_v = field(flat)
+        sigma_v, features_v = field(flat)
+        check_shape("field features", features_v, ("P", c), sizes={"P": flat.shape[0]},
+                    note=f" (the field has {c} channels)")
         sigmas = sigmas.masked_scatter(valid, sigma_v)
-        colors = colors.masked_scatter(valid[..., None].expand(r, s, 3), rgb_v)
+        features = features.masked_scatter(valid[..., None].expand(r, s, c), features_v)
+    behind = background(directions)
+    check_shape("background", behind, ("R", c), sizes={"R": r}, note=" (one value per channel of the field)")
     weights, _, _ = render_weights(t_starts, t_ends, sigmas)
     opacity = accumulate(weights)
     out = {
-        "rgb": accumulate(weights, colors) + (1.0 - opacity) * background(directions),
+        "features": accumulate(weights, features) + (1.0 - opacity) * behind,
         "opacity": opacity,
         "depth": accumulate(weights, t_mid[..., None]),
         "samples": torch.tensor(flat.shape[0]),
@@ -105,7 +115,7 @@ def render_views(field: RadianceField, background: nn.Module, cameras: Cameras, 
                  settings: RenderSettings = RenderSettings(), occupancy: OccupancyGrid | None = None,
                  with_normals: bool = True, on_progress: Callable[[int, int], None] | None = None
                  ) -> dict[str, Tensor]:
-    """Render every camera at ``height x width``; returns CPU tensors ``rgb`` (N, H, W, 3), ``opacity``
+    """Render every camera at ``height x width``; returns CPU tensors ``features`` (N, H, W, C), ``opacity``
     (N, H, W), ``depth`` (N, H, W) and ``normal`` (N, H, W, 3). Rays are made one view at a time and go
     through the field in chunks of at most ``settings.chunk_rays`` rays and :data:`CHUNK_SAMPLES` samples, so
     device memory is bounded by one view's rays and one chunk's samples; ``on_progress(done_rays, total_rays)``
@@ -114,7 +124,7 @@ def render_views(field: RadianceField, background: nn.Module, cameras: Cameras, 
     n = len(cameras)
     per_view = height * width
     total = n * per_view
-    keys = ("rgb", "opacity", "depth") + (("normal",) if with_normals else ())
+    keys = ("features", "opacity", "depth") + (("normal",) if with_normals else ())
     parts: dict[str, list[Tensor]] = {k: [] for k in keys}
     chunk = rays_per_chunk(settings.samples_per_ray, settings.chunk_rays)
     for view in range(n):

@@ -44,7 +44,7 @@ def preview_render(nerf: NeRF, cameras: Cameras, size: int = PREVIEW_SIZE) -> to
     """(size, size, 3) render of the first camera, for progress previews."""
     out = render_views(nerf.field, nerf.background, cameras[:1], size, size, nerf.render, nerf.occupancy,
                        with_normals=False)
-    return out["rgb"][0]
+    return out["features"][0]
 
 
 class NeRFFromViews(Compose3DNode):
@@ -152,7 +152,7 @@ class RenderNeRF(Compose3DNode):
                            with_normals=True, on_progress=lambda done, total: progress.update(done))
         opacity = out["opacity"].clamp(0, 1)
         normal = (0.5 + 0.5 * torch.nn.functional.normalize(out["normal"], dim=-1)) * opacity[..., None]
-        return io.NodeOutput(out["rgb"].clamp(0, 1), normal, opacity, depth_image(out["depth"], opacity))
+        return io.NodeOutput(out["features"].clamp(0, 1), normal, opacity, depth_image(out["depth"], opacity))
 
 
 def depth_image(depth: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor:

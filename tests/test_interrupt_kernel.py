@@ -52,7 +52,7 @@ def whole_batch_gradients(nerf: NeRF, scene, settings: FitSettings) -> dict[str,
     nerf.field.train()
     out = renderer.render_rays(nerf.field, nerf.background, origins[pick], directions[pick], SAMPLES,
                                occupancy=nerf.occupancy, jitter=jitter)
-    loss = F.mse_loss(out["rgb"], targets[pick]) + settings.mask_weight * F.mse_loss(out["opacity"], m[pick])
+    loss = F.mse_loss(out["features"], targets[pick]) + settings.mask_weight * F.mse_loss(out["opacity"], m[pick])
     loss.backward()
     return {n: p.grad.clone() for n, p in nerf.field.named_parameters() if p.grad is not None}
 
@@ -120,7 +120,7 @@ def test_rendering_chunks_are_bounded_by_samples_and_report_progress_per_chunk(s
     assert reported == [(min(10 * i, 64), 64) for i in range(1, 8)]  # 10 rays a chunk: 1000 samples
     monkeypatch.setattr(renderer, "CHUNK_SAMPLES", 1 << 30)
     whole = renderer.render_views(nerf.field, nerf.background, cameras[:1], 8, 8, settings, with_normals=False)
-    torch.testing.assert_close(out["rgb"], whole["rgb"])
+    torch.testing.assert_close(out["features"], whole["features"])
     monkeypatch.undo()
     assert renderer.rays_per_chunk(64, 8192) == 1024  # 2^16 samples
     assert renderer.rays_per_chunk(1 << 17, 8192) == 1 and renderer.rays_per_chunk(1, 16) == 16
