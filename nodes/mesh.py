@@ -8,8 +8,9 @@ from comfy_api.latest import Types, io
 
 import folder_paths
 
-from ..kernels.mesh import (MESH_FORMATS, bake_uv_texture, bake_vertex_colors, clean_mesh, extract_mesh,
-                            simplify_mesh, write_mesh)
+from ..kernels.mesh_extract import clean_mesh, extract_mesh, simplify_mesh
+from ..kernels.mesh_files import MESH_FORMATS, write_mesh
+from ..kernels.mesh_texture import bake_uv_texture, bake_vertex_colors
 from .common import Progress, interruptible
 from .types import CATEGORY, NeRFType
 from .validation import Compose3DNode, file_name_input

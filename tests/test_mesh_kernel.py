@@ -1,5 +1,6 @@
-"""kernels.mesh against analytic shapes: spheres with known radius and volume, colour fields known in closed form,
-textures sampled back by hand with the glTF texel convention, and files reloaded through trimesh's readers."""
+"""kernels.mesh_extract, mesh_texture and mesh_files against analytic shapes: spheres with known radius and volume,
+colour fields known in closed form, textures sampled back by hand with the glTF texel convention, and files reloaded
+through trimesh's readers."""
 from __future__ import annotations
 
 import math
@@ -10,8 +11,10 @@ import torch
 import trimesh
 from PIL import Image
 
-from compose3d.kernels.mesh import (NoSurfaceError, bake_uv_texture, bake_vertex_colors, clean_mesh, extract_mesh,
-                                    sample_density_grid, simplify_mesh, write_mesh)
+from compose3d.kernels.mesh_extract import (NoSurfaceError, clean_mesh, extract_mesh, sample_density_grid,
+                                            simplify_mesh)
+from compose3d.kernels.mesh_files import write_mesh
+from compose3d.kernels.mesh_texture import bake_uv_texture, bake_vertex_colors
 
 CUBE = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
 

@@ -14,7 +14,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from compose3d.kernels.mesh import NoSurfaceError
+from compose3d.kernels.mesh_extract import NoSurfaceError
 from compose3d.kernels.nerf import NeRF
 from compose3d.kernels.toy_object import BOXES, SPHERES, render_toy_object
 from compose3d.nodes.cameras import CombineCameras, OrbitCameras

@@ -1,4 +1,6 @@
-"""Meshes: density field -> marching cubes -> clean -> simplify -> colours or UV texture -> file.
+"""Meshes, stage 1 of 3: density field -> density grid -> marching cubes -> clean -> simplify.
+
+Colours or a UV texture are baked onto the result by :mod:`mesh_texture`; :mod:`mesh_files` writes it to a file.
 
 Conventions:
 
@@ -7,46 +9,31 @@ Conventions:
   ``x = torch.linspace(aabb[0, 0], aabb[1, 0], R)`` (both ends included) and likewise for y and z.
 * Faces are wound counter-clockwise seen from outside, so face normals point out of the dense region
   (towards lower density).
-* UVs follow trimesh (and OpenGL): u to the right, v up, ``v = 0`` is the **bottom** row of the image.
-  trimesh flips v to glTF's top-left origin when it writes a .glb and back when it reads one. Texel
-  ``(row r, column c)`` of an ``S x S`` texture has its centre at ``uv = ((c + 0.5) / S, 1 - (r + 0.5) / S)``.
-* Field callables get float32 points: :func:`sample_density_grid` creates them on ``aabb``'s device, the bake
-  functions on the CPU (a model on a GPU moves them itself). Outputs may live on any device.
+* Density callables get float32 points that :func:`sample_density_grid` creates on ``aabb``'s device. Outputs may
+  live on any device.
 
 Example::
 
     >>> mesh = extract_mesh(density_fn, aabb, resolution=256, threshold=10.0)
     >>> mesh = simplify_mesh(clean_mesh(mesh), target_faces=50_000)
-    >>> files = write_mesh(bake_uv_texture(mesh, color_fn), Path("out/model.glb"), "glb")
 """
 from __future__ import annotations
 
-import pathlib
-import re
 from typing import Callable
 
 import numpy as np
 import torch
 import trimesh
-import xatlas
-from PIL import Image
 from scipy.ndimage import binary_closing, binary_fill_holes
 from skimage.measure import marching_cubes
 
 from .checks import check_finite, check_int_range, check_range
 
 DensityFn = Callable[[torch.Tensor], torch.Tensor]  # (P,3) float32 world points -> (P,) float32 density
-ColorFn = Callable[[torch.Tensor], torch.Tensor]  # (P,3) float32 world points -> (P,3) float32 rgb in [0,1]
 
 MIN_RESOLUTION = 16
 MAX_RESOLUTION = 1024
-MIN_TEXTURE_SIZE = 16
-MAX_TEXTURE_SIZE = 8192
-MAX_PADDING = 64
-MESH_FORMATS = ("glb", "obj", "ply")
 
-#: Barycentric tolerance of the texture rasteriser: texels on a shared edge count as covered.
-_BARY_EPS = 1e-6
 #: How many faces vote on the winding of a marching-cubes mesh.
 _WINDING_VOTES = 4096
 
@@ -71,11 +58,13 @@ def _check_aabb(aabb: torch.Tensor) -> torch.Tensor:
     return box
 
 
-def _check_chunk(chunk: int) -> int:
+def check_chunk(chunk: int) -> int:
+    """Return ``chunk`` (points per field call) if a whole number in [1, 2**30]; else raise ValueError('chunk: ...')."""
     return check_int_range("chunk", chunk, 1, 1 << 30)
 
 
-def _check_mesh(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+def check_mesh(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """Return ``mesh`` if it is a trimesh.Trimesh with at least one face; raise ValueError('mesh: ...')."""
     if not isinstance(mesh, trimesh.Trimesh):
         raise ValueError(f"mesh: expected a trimesh.Trimesh, got {type(mesh).__name__}")
     if len(mesh.faces) == 0:
@@ -99,31 +88,6 @@ def _density_values(name: str, out: torch.Tensor, count: int) -> np.ndarray:
     return np.nan_to_num(values, posinf=np.finfo(np.float32).max, neginf=np.finfo(np.float32).min)
 
 
-def _eval_colors(color_fn: ColorFn, points: np.ndarray, chunk: int) -> np.ndarray:
-    """Evaluate ``color_fn`` on (P, 3) points in chunks on the CPU. Returns (P, 3) float32 clipped to [0, 1]."""
-    points = np.ascontiguousarray(points, dtype=np.float32)
-    out = np.empty((len(points), 3), np.float32)
-    with torch.no_grad():
-        for start in range(0, len(points), chunk):
-            block = torch.from_numpy(points[start:start + chunk])
-            rgb = torch.as_tensor(color_fn(block))
-            if tuple(rgb.shape) != (len(block), 3):
-                raise ValueError(f"color_fn: expected shape ({len(block)}, 3) for {len(block)} points, "
-                                 f"got {tuple(rgb.shape)}")
-            out[start:start + len(block)] = rgb.detach().to("cpu", torch.float32).numpy()
-    bad = int(np.isnan(out).any(axis=1).sum())
-    if bad:
-        raise ValueError(f"color_fn: returned NaN for {bad} of {len(points)} points")
-    return np.clip(out, 0.0, 1.0)
-
-
-def _to_rgba8(rgb: np.ndarray) -> np.ndarray:
-    """(P, 3) float in [0, 1] -> (P, 4) uint8 RGBA with alpha 255 (rounded to nearest)."""
-    rgba = np.full((len(rgb), 4), 255, np.uint8)
-    rgba[:, :3] = np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return rgba
-
-
 def sample_density_grid(density_fn: DensityFn, aabb: torch.Tensor, resolution: int,
                         chunk: int = 1 << 18) -> np.ndarray:
     """Evaluate a density field on a regular ``R x R x R`` grid spanning a box.
@@ -142,7 +106,7 @@ def sample_density_grid(density_fn: DensityFn, aabb: torch.Tensor, resolution: i
     """
     res = check_int_range("resolution", resolution, MIN_RESOLUTION, MAX_RESOLUTION)
     box = _check_aabb(aabb)
-    chunk = _check_chunk(chunk)
+    chunk = check_chunk(chunk)
     device = box.device
     axes = [torch.linspace(float(box[0, d]), float(box[1, d]), res, dtype=torch.float32, device=device)
             for d in range(3)]
@@ -272,11 +236,31 @@ def extract_mesh(density_fn: DensityFn, aabb: torch.Tensor, resolution: int = 25
     grid = sample_density_grid(density_fn, box, res, chunk)
     if fill_interior:
         grid = fill_cavities(grid, level, seal_radius)
-    return _grid_to_mesh(grid, box.cpu().numpy(), level)
+    return grid_to_mesh(grid, box.cpu().numpy(), level)
 
 
-def _grid_to_mesh(grid: np.ndarray, box: np.ndarray, level: float) -> trimesh.Trimesh:
-    """Marching cubes on an (R, R, R) grid over the (2, 3) float64 ``box``; faces oriented outward."""
+def grid_to_mesh(grid: np.ndarray, box: np.ndarray, level: float) -> trimesh.Trimesh:
+    """Extract the ``density == level`` iso-surface of an already sampled density grid by marching cubes (skimage).
+
+    The second half of :func:`extract_mesh`, for a grid from :func:`sample_density_grid` (optionally through
+    :func:`fill_cavities`). Its arguments are not validated; :func:`extract_mesh` checks them.
+
+    Args:
+        grid: (Rx, Ry, Rz) float numpy density grid, at least 2 points per axis (:func:`sample_density_grid` gives
+            R x R x R float32); ``grid[i, j, k]`` is the density at ``(x_i, y_j, z_k)``, the box's corners included
+            (``x = linspace(box[0, 0], box[1, 0], Rx)``, likewise for y and z).
+        box: (2, 3) float64 numpy array, min corner then max corner of the sampled box, in world units.
+        level: iso-level in density units; the dense region (density > level) is the object.
+
+    Returns:
+        trimesh.Trimesh (not processed): (V, 3) float64 world vertices
+        (``voxel index * (box[1] - box[0]) / (shape - 1) + box[0]``), (F, 3) int64 faces whose normals point
+        out of the dense region (the winding is checked by a vote of up to 4096 faces and flipped if needed).
+
+    Raises:
+        NoSurfaceError: (a ValueError, message 'threshold: ...' with the grid's density range and a suggestion)
+            when ``level`` is not strictly between the grid's minimum and maximum or no face is found.
+    """
     low, high = float(grid.min()), float(grid.max())
     if not low < level < high:
         raise NoSurfaceError(_no_surface_message(level, low, high))
@@ -313,7 +297,7 @@ def clean_mesh(mesh: trimesh.Trimesh, keep_components: int = 1, min_component_fr
     Returns:
         A new trimesh.Trimesh; ``mesh`` is not modified.
     """
-    _check_mesh(mesh)
+    check_mesh(mesh)
     keep_components = check_int_range("keep_components", keep_components, 0, 1 << 31)
     fraction = check_range("min_component_fraction", min_component_fraction, 0.0, 1.0)
     min_area = check_range("min_face_area", min_face_area, 0.0, float("inf"), high_open=True)
@@ -357,242 +341,8 @@ def simplify_mesh(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
         A new trimesh.Trimesh with about ``target_faces`` faces (vertex positions float64). Visuals are dropped,
         so simplify before baking colours. A plain copy when ``mesh`` already has <= target_faces faces.
     """
-    _check_mesh(mesh)
+    check_mesh(mesh)
     target = check_int_range("target_faces", target_faces, 4, 1 << 31)
     if len(mesh.faces) <= target:
         return mesh.copy()
     return mesh.simplify_quadric_decimation(face_count=target)
-
-
-# ---------------------------------------------------------------------------------------------- colour
-
-
-def bake_vertex_colors(mesh: trimesh.Trimesh, color_fn: ColorFn, chunk: int = 1 << 18) -> trimesh.Trimesh:
-    """Colour every vertex with the colour field at its position.
-
-    Args:
-        mesh: trimesh.Trimesh with (V, 3) vertices.
-        color_fn: (P, 3) float32 CPU world points -> (P, 3) float rgb; values are clipped to [0, 1].
-        chunk: points per call of ``color_fn``.
-
-    Returns:
-        A new trimesh.Trimesh (same vertices and faces) with (V, 4) uint8 RGBA vertex colours
-        (``round(255 * rgb)``, alpha 255).
-    """
-    _check_mesh(mesh)
-    chunk = _check_chunk(chunk)
-    rgba = _to_rgba8(_eval_colors(color_fn, mesh.vertices, chunk))
-    return trimesh.Trimesh(vertices=mesh.vertices.copy(), faces=mesh.faces.copy(), vertex_colors=rgba,
-                           process=False)
-
-
-def _unwrap(vertices: np.ndarray, faces: np.ndarray, size: int, padding: int):
-    """xatlas charts packed for a ``size`` texture. Returns (V', ) vertex map, (F, 3) faces, (V', 2) uv."""
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(np.ascontiguousarray(vertices, np.float32), np.ascontiguousarray(faces, np.uint32))
-    pack = xatlas.PackOptions()
-    pack.resolution = size
-    pack.padding = padding
-    pack.bilinear = True
-    atlas.generate(pack_options=pack)
-    if atlas.atlas_count != 1:
-        raise RuntimeError(f"xatlas packed the charts into {atlas.atlas_count} atlases instead of one")
-    vmap, new_faces, uv = atlas[0]
-    return vmap.astype(np.int64), new_faces.astype(np.int64), uv.astype(np.float64)
-
-
-def _rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int, chunk: int):
-    """Find the triangle and barycentrics under every texel centre of a ``size x size`` texture.
-
-    Args:
-        uv: (V, 2) float64 trimesh-convention UVs (v up); faces: (F, 3) int64.
-
-    Returns:
-        (tri, bary): (S, S) int64 triangle per texel (-1 = uncovered) and (S, S, 3) float64 barycentrics,
-        indexed [row, column] with row 0 at the top of the image (v = 1).
-    """
-    pix = np.stack([uv[:, 0] * size, (1.0 - uv[:, 1]) * size], axis=-1)  # continuous (x, y) pixel coords
-    tri_px = pix[faces]  # (F, 3, 2)
-    a = tri_px[:, 0]
-    e1, e2 = tri_px[:, 1] - a, tri_px[:, 2] - a
-    det = e1[:, 0] * e2[:, 1] - e2[:, 0] * e1[:, 1]
-    # texel (r, c) centre is (c + 0.5, r + 0.5): candidate columns are ceil(min - 0.5) .. floor(max - 0.5)
-    lo = np.clip(np.ceil(tri_px.min(axis=1) - 0.5 - 1e-9), 0, size - 1).astype(np.int64)
-    hi = np.clip(np.floor(tri_px.max(axis=1) - 0.5 + 1e-9), 0, size - 1).astype(np.int64)
-    span = np.maximum(hi - lo + 1, 0)
-    counts = np.where(np.abs(det) > 1e-12, span[:, 0] * span[:, 1], 0)
-
-    tri_map = np.full((size, size), -1, np.int64)
-    bary_map = np.zeros((size, size, 3), np.float64)
-    ends = np.cumsum(counts)
-    first = 0
-    while first < len(faces):
-        base = ends[first - 1] if first else 0
-        last = max(int(np.searchsorted(ends, base + chunk, side="right")), first + 1)
-        ids = np.arange(first, last)
-        n = counts[ids]
-        tid = np.repeat(ids, n)
-        local = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-        cols = lo[tid, 0] + local % span[tid, 0]
-        rows = lo[tid, 1] + local // span[tid, 0]
-        dx, dy = cols + 0.5 - a[tid, 0], rows + 0.5 - a[tid, 1]
-        b1 = (dx * e2[tid, 1] - e2[tid, 0] * dy) / det[tid]
-        b2 = (e1[tid, 0] * dy - dx * e1[tid, 1]) / det[tid]
-        b0 = 1.0 - b1 - b2
-        inside = (b0 >= -_BARY_EPS) & (b1 >= -_BARY_EPS) & (b2 >= -_BARY_EPS)
-        rows, cols = rows[inside], cols[inside]
-        tri_map[rows, cols] = tid[inside]
-        bary_map[rows, cols] = np.stack([b0[inside], b1[inside], b2[inside]], axis=-1)
-        first = last
-    return tri_map, bary_map
-
-
-def _dilate(rgb: np.ndarray, covered: np.ndarray, iterations: int) -> np.ndarray:
-    """Grow (S, S, 3) colours into uncovered texels: each pass gives every uncovered texel next to a covered
-    one the mean of its covered 8-neighbours. Texels still uncovered afterwards get the mean colour."""
-    rgb, covered = rgb.copy(), covered.copy()
-    size_y, size_x = covered.shape
-    for _ in range(iterations):
-        if covered.all():
-            break
-        padded_rgb = np.pad(rgb * covered[..., None], ((1, 1), (1, 1), (0, 0)))
-        padded_cov = np.pad(covered, 1).astype(np.float32)
-        total = np.zeros_like(rgb)
-        count = np.zeros(covered.shape, np.float32)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                if dy or dx:
-                    total += padded_rgb[1 + dy:1 + dy + size_y, 1 + dx:1 + dx + size_x]
-                    count += padded_cov[1 + dy:1 + dy + size_y, 1 + dx:1 + dx + size_x]
-        grow = ~covered & (count > 0)
-        rgb[grow] = total[grow] / count[grow, None]
-        covered |= grow
-    if covered.any() and not covered.all():
-        rgb[~covered] = rgb[covered].mean(axis=0)
-    return rgb
-
-
-def bake_uv_texture(mesh: trimesh.Trimesh, color_fn: ColorFn, texture_size: int = 1024, padding: int = 2,
-                    chunk: int = 1 << 18) -> trimesh.Trimesh:
-    """UV-unwrap a mesh with xatlas and paint a texture from a colour field.
-
-    Every texel whose centre lies in a triangle in UV space gets ``color_fn`` at the 3D point with the same
-    barycentric coordinates; colours are then grown ``padding`` texels into the empty space around the charts
-    (so bilinear filtering at chart borders does not pick up background) and the rest is filled with the mean.
-    xatlas dominates the cost (about 10 s per 50k faces on one CPU core): simplify first.
-
-    Args:
-        mesh: trimesh.Trimesh with (V, 3) vertices and (F, 3) faces.
-        color_fn: (P, 3) float32 CPU world points -> (P, 3) float rgb; values are clipped to [0, 1].
-        texture_size: S, texture width and height in texels, in [16, 8192].
-        padding: texels between charts (xatlas) and dilation passes, in [0, 64].
-        chunk: (triangle, texel) candidate pairs per rasterisation step and points per ``color_fn`` call.
-
-    Returns:
-        A new trimesh.Trimesh with vertices split at UV seams ((V', 3) float64, V' >= V, same surface), (F, 3)
-        faces and ``TextureVisuals``: (V', 2) uv in trimesh's convention (v = 0 at the bottom of the image) and a
-        ``PBRMaterial`` (white base colour factor, metallic 0, roughness 1) whose base colour texture is an
-        ``S x S`` RGB PIL image.
-    """
-    _check_mesh(mesh)
-    size = check_int_range("texture_size", texture_size, MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE)
-    padding = check_int_range("padding", padding, 0, MAX_PADDING)
-    chunk = _check_chunk(chunk)
-
-    vmap, faces, uv = _unwrap(mesh.vertices, mesh.faces, size, padding)
-    vertices = np.asarray(mesh.vertices, np.float64)[vmap]
-    tri, bary = _rasterize_uv(uv, faces, size, chunk)
-    covered = tri >= 0
-    corners = vertices[faces[tri[covered]]]  # (N, 3, 3)
-    points = np.einsum("nk,nkd->nd", bary[covered], corners)
-    rgb = np.zeros((size, size, 3), np.float32)
-    rgb[covered] = _eval_colors(color_fn, points, chunk)
-    rgb = _dilate(rgb, covered, padding)
-    image = Image.fromarray(np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8))  # (S, S, 3): RGB
-    material = trimesh.visual.material.PBRMaterial(
-        baseColorTexture=image, baseColorFactor=[255, 255, 255, 255], metallicFactor=0.0, roughnessFactor=1.0)
-    visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
-    return trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
-
-
-# ----------------------------------------------------------------------------------------------- files
-
-
-def _texture_image(mesh: trimesh.Trimesh):
-    """The mesh's UV texture as a PIL image, or None when it has no (uv, image) pair."""
-    visual = mesh.visual
-    if getattr(visual, "kind", None) != "texture" or getattr(visual, "uv", None) is None:
-        return None
-    image = getattr(visual.material, "baseColorTexture", None)
-    if image is None:
-        image = getattr(visual.material, "image", None)
-    return image
-
-
-def _safe_stem(stem: str) -> str:
-    """A file stem usable as an OBJ material name and texture file name (no whitespace)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "mesh"
-
-
-def _write_obj(mesh: trimesh.Trimesh, path: pathlib.Path) -> list[pathlib.Path]:
-    image = _texture_image(mesh)
-    if image is None:
-        path.write_text(trimesh.exchange.obj.export_obj(mesh, include_texture=False))
-        return [path]
-    name = _safe_stem(path.stem)
-    # A fresh PNG-less image (format None) makes trimesh name the texture '<name>.png'.
-    png = Image.frombytes(image.mode, image.size, image.tobytes()).convert("RGB")
-    material = trimesh.visual.material.SimpleMaterial(image=png, diffuse=[255, 255, 255, 255], name=name)
-    textured = trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, process=False,
-                               visual=trimesh.visual.TextureVisuals(uv=mesh.visual.uv, material=material))
-    text, extra = trimesh.exchange.obj.export_obj(textured, include_texture=True, return_texture=True,
-                                                 mtl_name=f"{name}.mtl")
-    path.write_text(text)
-    written = [path]
-    for file_name in (f"{name}.mtl", f"{name}.png"):
-        target = path.parent / file_name
-        target.write_bytes(extra[file_name])
-        written.append(target)
-    return written
-
-
-def _write_ply(mesh: trimesh.Trimesh, path: pathlib.Path) -> list[pathlib.Path]:
-    if _texture_image(mesh) is not None:
-        mesh = trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, visual=mesh.visual.to_color(),
-                               process=False)
-    path.write_bytes(trimesh.exchange.ply.export_ply(mesh, encoding="binary"))
-    return [path]
-
-
-def write_mesh(mesh: trimesh.Trimesh, path: pathlib.Path, file_format: str) -> list[pathlib.Path]:
-    """Write a mesh with its colours or texture.
-
-    Args:
-        mesh: trimesh.Trimesh, plain, with vertex colours or with a UV texture (:func:`bake_uv_texture`).
-        path: the main file, with the suffix of ``file_format``; its folder must exist.
-        file_format: 'glb', 'obj' or 'ply'.
-            'glb': one binary glTF file (texture embedded).
-            'obj': '<stem>.obj' plus, for a textured mesh, '<stem>.mtl' and '<stem>.png' next to it (the stem with
-            characters other than letters, digits, '_', '-', '.' replaced by '_'), so exports into one folder
-            never share a material or texture file.
-            'ply': binary PLY; a UV texture is converted to (V, 4) uint8 vertex colours first
-            (``mesh.visual.to_color()``), since PLY cannot hold one.
-
-    Returns:
-        Every file written, the main file first.
-    """
-    _check_mesh(mesh)
-    fmt = str(file_format).lower()
-    if fmt not in MESH_FORMATS:
-        raise ValueError(f"file_format: expected one of {', '.join(MESH_FORMATS)}, got {file_format!r}")
-    path = pathlib.Path(path)
-    if path.suffix.lower() != f".{fmt}":
-        raise ValueError(f"path: expected a '.{fmt}' file for file_format {fmt!r}, got {str(path)!r}")
-    if not path.parent.is_dir():
-        raise ValueError(f"path: folder {str(path.parent)!r} does not exist")
-    if fmt == "glb":
-        path.write_bytes(trimesh.exchange.gltf.export_glb(mesh))
-        return [path]
-    if fmt == "obj":
-        return _write_obj(mesh, path)
-    return _write_ply(mesh, path)
