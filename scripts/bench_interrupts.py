@@ -14,30 +14,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pack_import import register_pack  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the harness package
+from harness.pack import register_pack  # noqa: E402
+from harness.toy_scene import toy_nerf, toy_views  # noqa: E402
 
 WHOLE = 1 << 40  # a chunk budget no batch reaches: one chunk per step
 
 
 def scene(device: str):
-    from compose3d.kernels.cameras import orbit_cameras
-    from compose3d.kernels.toy_object import render_toy_object
-
-    cameras = orbit_cameras(8, 20.0, 0.0, 360.0, 2.5, 40.0)
-    images, masks, _ = render_toy_object(cameras, 64, 64, (1.0, 1.0, 1.0))
-    return cameras, images, masks
+    return toy_views(64, views=8)
 
 
 def new_nerf(device: str, samples: int):
-    from compose3d.kernels.background import SolidBackground
-    from compose3d.kernels.field import config_for_device
-    from compose3d.kernels.nerf import NeRF
-    from compose3d.kernels.renderer import RenderSettings
-
-    return NeRF.create(config_for_device(device, blob_density=0.0, density_activation="exp"),
-                       background=SolidBackground((1.0, 1.0, 1.0)), render=RenderSettings(samples),
-                       device=device, seed=3)
+    return toy_nerf(samples, device=device)
 
 
 def timed_training(device, data, samples, rays, steps, budget) -> tuple[float, float]:

@@ -21,15 +21,16 @@ import time
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from pack_import import register_pack  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root, for the harness package
+from harness.pack import register_pack  # noqa: E402
 
 
 def _import_pack():
-    """Register the repository as the package ``compose3d`` (as tests/conftest.py does) and return kernels.mesh."""
+    """Register the repository as the package ``compose3d`` (as ComfyUI imports it) and return the mesh kernels
+    (kernels.mesh_extract, kernels.mesh_texture, kernels.mesh_files)."""
     register_pack()
-    from compose3d.kernels import mesh
-    return mesh
+    from compose3d.kernels import mesh_extract, mesh_files, mesh_texture
+    return mesh_extract, mesh_texture, mesh_files
 
 
 BLOBS = torch.tensor([  # centre x, y, z, sigma, peak density
@@ -69,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    mesh_kernel = _import_pack()
+    mesh_extract, mesh_texture, mesh_files = _import_pack()
     aabb = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
     rows = []
 
@@ -79,32 +80,32 @@ def main() -> None:
 
     print(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads",
           flush=True)
-    mesh_kernel.sample_density_grid(blob_density, aabb, 16)  # warm-up
+    mesh_extract.sample_density_grid(blob_density, aabb, 16)  # warm-up
     last = None
     for res in args.resolutions:
-        _, t_trivial = timed(mesh_kernel.sample_density_grid, lambda p: p[:, 0], aabb, res)
+        _, t_trivial = timed(mesh_extract.sample_density_grid, lambda p: p[:, 0], aabb, res)
         row("sample_density_grid (trivial field)", res, t_trivial, note="kernel overhead")
-        grid, t_grid = timed(mesh_kernel.sample_density_grid, blob_density, aabb, res)
+        grid, t_grid = timed(mesh_extract.sample_density_grid, blob_density, aabb, res)
         row("sample_density_grid", res, t_grid, note=f"{res ** 3:,} points")
-        # marching cubes + winding check + world mapping on the grid just sampled (private helper of extract_mesh)
-        _, t_mc = timed(mesh_kernel._grid_to_mesh, grid, aabb.double().numpy(), args.threshold)
+        # marching cubes + winding check + world mapping on the grid just sampled (grid_to_mesh, used by extract_mesh)
+        _, t_mc = timed(mesh_extract.grid_to_mesh, grid, aabb.double().numpy(), args.threshold)
         row("marching cubes on the grid", res, t_mc, note="skimage + winding check")
-        mesh, t_extract = timed(mesh_kernel.extract_mesh, blob_density, aabb, res, args.threshold)
+        mesh, t_extract = timed(mesh_extract.extract_mesh, blob_density, aabb, res, args.threshold)
         row("extract_mesh (sample + cubes)", res, t_extract, mesh)
-        clean, t_clean = timed(mesh_kernel.clean_mesh, mesh)
+        clean, t_clean = timed(mesh_extract.clean_mesh, mesh)
         row("clean_mesh", res, t_clean, clean)
-        simple, t_simple = timed(mesh_kernel.simplify_mesh, clean, args.target_faces)
+        simple, t_simple = timed(mesh_extract.simplify_mesh, clean, args.target_faces)
         row(f"simplify_mesh -> {args.target_faces}", res, t_simple, simple)
-        colored, t_vc = timed(mesh_kernel.bake_vertex_colors, simple, blob_color)
+        colored, t_vc = timed(mesh_texture.bake_vertex_colors, simple, blob_color)
         row("bake_vertex_colors", res, t_vc, colored)
         last = simple
 
     size = args.texture_size
-    textured, t_uv = timed(mesh_kernel.bake_uv_texture, last, blob_color, size)
+    textured, t_uv = timed(mesh_texture.bake_uv_texture, last, blob_color, size)
     row(f"bake_uv_texture {size}", args.resolutions[-1], t_uv, textured, "vertices split at UV seams")
     with tempfile.TemporaryDirectory() as folder:
         for fmt in ("glb", "obj", "ply"):
-            files, t_write = timed(mesh_kernel.write_mesh, textured, pathlib.Path(folder) / f"bench.{fmt}", fmt)
+            files, t_write = timed(mesh_files.write_mesh, textured, pathlib.Path(folder) / f"bench.{fmt}", fmt)
             size_mb = sum(f.stat().st_size for f in files) / 1e6
             row(f"write_mesh {fmt}", args.resolutions[-1], t_write, note=f"{len(files)} file(s), {size_mb:.1f} MB")
 

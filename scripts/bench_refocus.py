@@ -41,9 +41,8 @@ import threading
 import time
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
-from pack_import import PACK_ROOT, register_pack  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the harness package
+from harness.inprocess import init_comfy, run_node  # noqa: E402
 
 PROMPT = "a cat and a dog sitting on a wooden bench"
 SUBJECTS = "cat, dog"
@@ -58,7 +57,7 @@ RESOLUTION = 256  # pixels; 32x32 latents as MVDream's 256x256 views
 VARIANTS = ("plain", "refocus", "refocus+refine")
 
 #: UNet shapes (ComfyUI UNetModel arguments) and text widths; None is the test suite's tiny UNet
-#: (tests/harness/tiny_models.TINY_MVDREAM_SHAPE).
+#: (harness/tiny_models.TINY_MVDREAM_SHAPE).
 SIZES = {
     "tiny": (None, 64),
     "small": (dict(model_channels=128, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
@@ -67,39 +66,14 @@ SIZES = {
 }
 
 
-# ------------------------------------------------------------------------------------------------ ComfyUI
-
-def init_comfy(device: str) -> None:
-    """Put ComfyUI on sys.path (COMFYUI_PATH or the cached tree), select the device, register the pack."""
-    from get_comfyui import default_cache, ensure_comfyui
-
-    root = str(ensure_comfyui(default_cache()))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import comfy.cli_args
-
-    if device == "cpu":
-        comfy.cli_args.args.cpu = True  # ComfyUI's --cpu; must precede the first import of model_management
-    register_pack()
-    import comfy.model_management  # noqa: F401
-
-
-def run_node(node_cls, **inputs):
-    """Run a V3 node's execute as ComfyUI's executor does (class clone); returns the NodeOutput's values."""
-    node_cls.VALIDATE_CLASS()
-    clone = node_cls.PREPARE_CLASS_CLONE({})
-    return node_cls.execute.__func__(clone, **inputs).result
-
-
 # ------------------------------------------------------------------------------------------------ model
 
 def build_checkpoint(size: str, path: Path, seed: int = 21) -> int:
     """Write an MVDream sd-v2.1-base-4view-layout checkpoint of ``size`` to ``path``; returns UNet parameters.
 
-    The builder is the test suite's (tests/harness/tiny_models.py), so "tiny" is exactly the tests' model."""
+    The builder is the test suite's (harness/tiny_models.py), so "tiny" is exactly the tests' model."""
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(PACK_ROOT / "tests"))
     from harness.tiny_models import UNET_PREFIX, mvdream_checkpoint_state_dict
 
     shape, text_width = SIZES[size]
@@ -140,7 +114,7 @@ class RSSPeak:
 
 def run_variant(variant: str, checkpoint: str, steps: int, views: int, repeats: int, device: str,
                 latent_out: str) -> dict:
-    init_comfy(device)
+    init_comfy("cpu" if device == "cpu" else "auto")
     import torch
 
     import nodes as comfy_nodes
@@ -175,16 +149,17 @@ def run_variant(variant: str, checkpoint: str, steps: int, views: int, repeats: 
 
     def sampler_for(variant: str, refocus_steps: int):
         if variant == "plain":
-            return run_node(KSamplerSelect, sampler_name="ddim")[0]
+            return run_node(KSamplerSelect, sampler_name="ddim").result[0]
         thresholds, max_tries = ("", 0) if variant == "refocus" else (REFERENCE_THRESHOLDS, REFERENCE_MAX_TRIES)
         return run_node(RefocusSampler, clip=clip, prompt=PROMPT, subjects=SUBJECTS, sampler_name="ddim",
                         refocus_steps=refocus_steps, step_size=STEP_SIZE, thresholds=thresholds,
-                        max_tries=max_tries, smoothing_sigma=SMOOTHING_SIGMA)[0]
+                        max_tries=max_tries, smoothing_sigma=SMOOTHING_SIGMA).result[0]
 
     def sample(sampler, n_steps: int):
-        sigmas = run_node(BasicScheduler, model=model, scheduler="ddim_uniform", steps=n_steps, denoise=1.0)[0]
+        sigmas = run_node(BasicScheduler, model=model, scheduler="ddim_uniform", steps=n_steps,
+                          denoise=1.0).result[0]
         out = run_node(SamplerCustom, model=model, add_noise=True, noise_seed=SEED, cfg=CFG, positive=positive,
-                       negative=negative, sampler=sampler, sigmas=sigmas, latent_image=latent)[0]
+                       negative=negative, sampler=sampler, sigmas=sigmas, latent_image=latent).result[0]
         if cuda:
             torch.cuda.synchronize()
         return out["samples"]
@@ -195,9 +170,9 @@ def run_variant(variant: str, checkpoint: str, steps: int, views: int, repeats: 
         model.model_options[REFOCUS_REPORT_KEY] = reports.append  # each refocused run's report
         cams = orbit_cameras(views, 15.0, 0.0, 360.0, 2.0, 40.0)
         positive = run_node(MVDreamConditioning, conditioning=comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0],
-                            cameras=cams)[0]
-        negative = run_node(MVDreamConditioning,
-                            conditioning=comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0], cameras=cams)[0]
+                            cameras=cams).result[0]
+        negative = run_node(MVDreamConditioning, conditioning=comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0],
+                            cameras=cams).result[0]
         latent = comfy_nodes.EmptyLatentImage().generate(RESOLUTION, RESOLUTION, views)[0]
 
         with RSSPeak() as rss:

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pack_import import register_pack  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the harness package
+from harness.pack import register_pack  # noqa: E402
 
 
 def build(device: str):
@@ -104,7 +104,7 @@ def run_variant(variant: str, mode: str, rays: int, samples: int, repeats: int, 
         with torch.set_grad_enabled(mode == "fwd+bwd"):
             if variant == "ours":
                 out = render_rays(nerf.field, nerf.background, o, d, samples, occupancy=nerf.occupancy)
-                rgb, evaluated = out["rgb"], int(out["samples"])
+                rgb, evaluated = out["features"], int(out["samples"])
             else:
                 rgb, evaluated = naive_render(nerf, o, d, samples)
             if mode == "fwd+bwd":
@@ -128,7 +128,7 @@ def run_variant(variant: str, mode: str, rays: int, samples: int, repeats: int, 
 def marching_cubes_times(device: str) -> list[tuple[int, float, float, int]]:
     import torch
 
-    from compose3d.kernels.mesh import _grid_to_mesh, fill_cavities, sample_density_grid
+    from compose3d.kernels.mesh_extract import fill_cavities, grid_to_mesh, sample_density_grid
 
     nerf, _, _ = build(device)
     rows = []
@@ -138,7 +138,7 @@ def marching_cubes_times(device: str) -> list[tuple[int, float, float, int]]:
             grid = sample_density_grid(nerf.visible_density, nerf.field.aabb, res)
             t1 = time.perf_counter()
             grid = fill_cavities(grid, 1.0, seal_radius=max(1, round(0.02 * res)))
-            mesh = _grid_to_mesh(grid, nerf.field.aabb.cpu().double().numpy(), 1.0)
+            mesh = grid_to_mesh(grid, nerf.field.aabb.cpu().double().numpy(), 1.0)
             t2 = time.perf_counter()
             rows.append((res, t1 - t0, t2 - t1, len(mesh.faces)))
     return rows

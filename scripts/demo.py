@@ -2,7 +2,7 @@
 
 Usage: python scripts/demo.py [--workflow example_workflows/<name>.json] [--dir demo_run]
 
-Starts ComfyUI (``COMFYUI_PATH`` or the tree scripts/get_comfyui.py unpacks) with its own base directory,
+Starts ComfyUI (``COMFYUI_PATH`` or the tree harness/comfyui.py unpacks) with its own base directory,
 queues the workflow, follows it on the websocket, and prints where every output file went.
 """
 from __future__ import annotations
@@ -12,13 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository root, for the harness package
 
-from get_comfyui import default_cache, ensure_comfyui  # noqa: E402
-from headless import ComfyServer  # noqa: E402
-from workflow_api import ui_to_api  # noqa: E402
+from harness.comfyui import default_cache, ensure_comfyui  # noqa: E402
+from harness.server import ComfyServer  # noqa: E402
+from harness.workflow import ui_to_api  # noqa: E402
 
 DEFAULT_WORKFLOW = ROOT / "example_workflows" / "compose3d_reconstruct_toy.json"
 

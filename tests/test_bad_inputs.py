@@ -20,7 +20,7 @@ import pytest
 
 from comfy_execution.graph_utils import GraphBuilder
 from compose3d.nodes import NODES
-from headless import PromptRejected
+from harness.server import PromptRejected
 
 pytestmark = pytest.mark.server
 

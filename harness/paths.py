@@ -6,17 +6,15 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-if str(SCRIPTS) not in sys.path:  # the project's scripts (ComfyUI fetching, headless client) are importable
-    sys.path.insert(0, str(SCRIPTS))
+from .comfyui import default_cache, ensure_comfyui
+from .pack import PACK_NAME, PACK_ROOT, register_pack
 
-from get_comfyui import default_cache, ensure_comfyui  # noqa: E402
-from pack_import import PACK_NAME, PACK_ROOT, register_pack  # noqa: E402,F401  (re-exported)
+__all__ = ["PACK_NAME", "PACK_ROOT", "register_pack", "comfyui_root", "add_comfyui_to_sys_path", "python_for_server"]
 
 
 @lru_cache(maxsize=1)
 def comfyui_root() -> Path:
-    """The ComfyUI tree: ``COMFYUI_PATH`` if set, else the one ``scripts/get_comfyui.py`` unpacks."""
+    """The ComfyUI tree: ``COMFYUI_PATH`` if set, else the one :mod:`harness.comfyui` unpacks."""
     return ensure_comfyui(default_cache())
 
 

@@ -1,6 +1,6 @@
 """Import this repository as the package ``compose3d``, as ComfyUI does (by path, relative imports inside).
 
-For scripts and tests that run outside ComfyUI's custom_nodes loader.
+For the tests and scripts that run outside ComfyUI's custom_nodes loader.
 """
 from __future__ import annotations
 

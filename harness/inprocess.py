@@ -1,7 +1,7 @@
 """ComfyUI imported into the test process: call a node's ``execute`` the way ComfyUI's executor does.
 
-``init_comfy`` must run before anything imports ``comfy.model_management`` (it selects the CPU unless
-``COMPOSE3D_TEST_DEVICE=auto``).
+``init_comfy`` must run before anything imports ``comfy.model_management`` (it selects the device: the CPU unless
+told otherwise).
 """
 from __future__ import annotations
 
@@ -16,14 +16,19 @@ from .paths import add_comfyui_to_sys_path, register_pack
 _initialised = False
 
 
-def init_comfy() -> None:
+def init_comfy(device: str | None = None) -> None:
+    """Put ComfyUI on ``sys.path``, select the device and register the pack (once per process).
+
+    ``device``: ``"cpu"`` (ComfyUI's ``--cpu``) or ``"auto"`` (ComfyUI's choice, e.g. CUDA); default
+    ``COMPOSE3D_TEST_DEVICE`` or ``"cpu"``. Later calls change nothing.
+    """
     global _initialised
     if _initialised:
         return
     root = add_comfyui_to_sys_path()
     import comfy.cli_args
 
-    if os.environ.get("COMPOSE3D_TEST_DEVICE", "cpu") == "cpu":
+    if (device or os.environ.get("COMPOSE3D_TEST_DEVICE", "cpu")) == "cpu":
         comfy.cli_args.args.cpu = True
     # Bind the name ``nodes`` to ComfyUI's nodes.py now: pytest may later put the repository root (a package with
     # its own ``nodes/``) first on sys.path, depending on the checkout folder's name.
