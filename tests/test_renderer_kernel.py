@@ -157,10 +157,14 @@ def test_c_channel_views_render_the_same_in_any_chunking():
     assert corner.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5], abs=0.05)
 
 
-def test_a_background_with_other_channels_than_the_field_is_refused():
+def test_a_background_or_field_output_with_other_channels_than_the_field_has_is_refused():
     origins, directions = feature_rays(4)
     with pytest.raises(ValueError, match=r"^background: expected shape \(R, 5\).*got \(4, 3\)"):
         render_rays(SmoothFeatureField(5), SolidBackground(), origins, directions, samples_per_ray=8)
+    field = SmoothFeatureField(3)
+    field.channels = 4  # claims one channel more than it computes
+    with pytest.raises(ValueError, match=r"^field features: expected shape \(P, 4\) \(the field has 4 channels\)"):
+        render_rays(field, SolidBackground((0.0,) * 4), origins, directions, samples_per_ray=8)
 
 
 def test_ray_box_intersection_matches_hand_values():
