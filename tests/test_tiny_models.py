@@ -1,7 +1,6 @@
 """The tiny test models load through ComfyUI's real loaders and run a forward pass."""
 from __future__ import annotations
 
-import pytest
 import torch
 from safetensors import safe_open
 
