@@ -100,13 +100,14 @@ class PhotometricLoss:
 
 
 def photometric_step(nerf: NeRF, pixels: PosedPixels, step: Step, rays_per_step: int, mask_weight: float,
-                     skip_empty: bool) -> PhotometricLoss:
+                     skip_empty: bool, weight: float = 1.0) -> PhotometricLoss:
     """Accumulate the gradients of one reconstruction step (a :func:`training.train` step function's body).
 
     Draws ``rays_per_step`` random pixels and their sample jitter (rays_per_step, S) from ``step.generator``,
     renders them in chunks of at most :data:`renderer.CHUNK_SAMPLES` samples (``step.check_interrupt()`` before
     each) and backpropagates each chunk's share, so the gradients are those of the whole batch's
-    ``MSE(rgb, target) + mask_weight * MSE(opacity, mask)``. ``skip_empty``: sample only occupied cells.
+    ``MSE(rgb, target) + mask_weight * MSE(opacity, mask)``, times ``weight`` (the returned losses are not
+    weighted). ``skip_empty``: sample only occupied cells.
     """
     samples = nerf.render.samples_per_ray
     pick = torch.randint(0, len(pixels), (rays_per_step,), generator=step.generator)
@@ -116,7 +117,7 @@ def photometric_step(nerf: NeRF, pixels: PosedPixels, step: Step, rays_per_step:
         step.check_interrupt()
         chunk_mse, chunk_loss = _chunk_loss(nerf, pixels, pick[rays], jitter[rays], skip_empty, mask_weight)
         share = len(rays) / rays_per_step  # the batch's mean is the share-weighted chunk means
-        (chunk_loss * share).backward()
+        (chunk_loss * (share * weight)).backward()
         loss, mse = loss + float(chunk_loss.detach()) * share, mse + float(chunk_mse.detach()) * share
     return PhotometricLoss(loss, mse)
 

@@ -10,6 +10,7 @@ from .mesh import ExportMesh
 from .mvdream import MVDreamConditioning, MVDreamLoader
 from .nerf import NeRFFromViews, RenderNeRF
 from .refocus import RefocusSampler
+from .sds import SDSOptimizer
 from .toy_object import ToyObjectViews
 
 NODES: list[type[io.ComfyNode]] = [
@@ -23,6 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
     MVDreamLoader,
     MVDreamConditioning,
     RefocusSampler,
+    SDSOptimizer,
 ]
 
 

@@ -14,7 +14,8 @@ works with core samplers, model patches and LoRA.
 
 Cameras travel in the CONDITIONING under :data:`CAMERA_KEY` as (V, 16) MVDream camera vectors (attached by
 ``Compose3D_MVDreamConditioning``). :meth:`MVDreamModel.extra_conds` turns them into the per-sample ``camera`` input
-(tiled over the batch, so sample i gets camera i mod V) and the ``num_views`` constant. Without cameras the model is
+(tiled over the batch, so sample i gets camera i mod V) and the ``num_views`` constant. The SDS optimiser attaches
+the cameras of several objects at once, (N, 16) with ``VIEWS_KEY`` = V views per object (N a multiple of V). Without cameras the model is
 a single-view SD UNet with no camera embedding, as upstream with ``camera=None``.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ..kernels.attention import sequence_to_views, views_to_sequence
 from .attention_patch import fold_views
 from .common import check_interrupt
-from .types import CAMERA_KEY, VIEWS_OPTION
+from .types import CAMERA_KEY, VIEWS_KEY, VIEWS_OPTION
 from .validation import ModelFileError, read_model_file
 
 
@@ -155,12 +156,13 @@ class MVDreamModel(comfy.model_base.BaseModel):
         out = super().extra_conds(**kwargs)
         cameras = kwargs.get(CAMERA_KEY, None)
         if cameras is not None:
-            views = cameras.shape[0]
+            count = cameras.shape[0]
+            views = int(kwargs.get(VIEWS_KEY) or count)
             batch = kwargs["noise"].shape[0]
-            if batch % views:
+            if batch % count or count % views:
                 raise ValueError(
-                    f"MVDream: the latent batch of {batch} is not a multiple of the {views} views of the cameras "
-                    f"(Compose3D_MVDreamConditioning). Set the latent batch size to {views} (one object) or a "
+                    f"MVDream: the latent batch of {batch} is not a multiple of the {count} views of the cameras "
+                    f"(Compose3D_MVDreamConditioning). Set the latent batch size to {count} (one object) or a "
                     f"multiple of it.")
             out["camera"] = comfy.conds.CONDRegular(cameras)
             out["num_views"] = comfy.conds.CONDConstant(views)

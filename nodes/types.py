@@ -17,8 +17,14 @@ NeRFType = io.Custom("C3D_NERF")
 #: CONDITIONING key holding the (V, 16) MVDream camera vectors of one object's V views
 #: (attached by ``Compose3D_MVDreamConditioning``, read by the MVDream model and the samplers).
 CAMERA_KEY = "c3d_mvdream_cameras"
+#: CONDITIONING key (optional): views per object when CAMERA_KEY holds the cameras of several objects (N = k * V);
+#: without it the N cameras are one object's views.
+VIEWS_KEY = "c3d_mvdream_views"
 #: transformer_options key telling attention how many views make one object (views are contiguous in the batch).
 VIEWS_OPTION = "c3d_num_views"
 #: MODEL option (``model.model_options[REFOCUS_REPORT_KEY] = fn``): the refocus sampler calls ``fn(report)`` with
 #: each run's :class:`nodes.refocus.RefocusReport` (benchmarks and tests read reports this way).
 REFOCUS_REPORT_KEY = "c3d_refocus_report"
+#: MODEL option (``model.model_options[SDS_REPORT_KEY] = fn``): the SDS optimiser calls ``fn(report)`` with each run's
+#: :class:`kernels.distill.SDSReport` (benchmarks read the per-phase timings this way).
+SDS_REPORT_KEY = "c3d_sds_report"
