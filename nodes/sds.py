@@ -161,6 +161,9 @@ def checkpoint_tensors(nerf: NeRF, state: TrainingState) -> tuple[dict, dict]:
 
 
 def load_checkpoint_into(nerf: NeRF, state: TrainingState, tensors: dict, state_meta: dict) -> None:
+    """Restore a checkpoint's field, background, occupancy grid and training state (call outside inference mode:
+    the tensors are copied into ordinary ones, which the optimiser updates in place)."""
+    tensors = {k: v.clone() for k, v in tensors.items()}
     for prefix, module in (("field.", nerf.field), ("background.", nerf.background), ("occupancy.", nerf.occupancy)):
         part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(part)
