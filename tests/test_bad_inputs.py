@@ -37,6 +37,9 @@ FAST = {
     "Compose3D_ExportMesh": {"resolution": 32, "threshold": 1.0, "max_faces": 500, "colors": "vertex",
                              "texture_size": 64, "filename_prefix": "c3d_bad_inputs/mesh"},
     "Compose3D_RefocusSampler": {"prompt": "a cat", "subjects": ""},
+    "Compose3D_SDSOptimizer": {"steps": 2, "low_resolution": 64, "low_batch": 4, "high_resolution": 64,
+                               "high_batch": 4, "samples_per_ray": 16, "checkpoint_every": 0,
+                               "checkpoint_prefix": "c3d_bad_inputs/sds"},
 }
 
 
