@@ -161,11 +161,14 @@ def reference_weight(step: int, settings: SDSSettings, references: References) -
     return Anneal(references.weight_start, references.weight_end, start, settings.steps - 1).at(step)
 
 
-def make_background(kind: str) -> nn.Module:
+def make_background(kind: str, seed: int = 0) -> nn.Module:
     """The NeRF's background for a ``background`` choice ("random" trains with a learned one; see
-    :func:`step_background`)."""
+    :func:`step_background`); a learned one is initialised from ``seed`` (not the global random state), so runs
+    with the same seed start alike."""
     if kind in ("learned", "random"):
-        return LearnedBackground()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return LearnedBackground()
     return SolidBackground(SOLID_COLOURS[kind])
 
 

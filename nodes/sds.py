@@ -467,12 +467,12 @@ class SDSOptimizer(Compose3DNode):
                 field_config = config_for_device(device.type)
                 if resume is not None:
                     field_config = FieldConfig(**resume[1]["field"])
-                result = NeRF.create(field_config, background=make_background(background),
+                result = NeRF.create(field_config, background=make_background(background, seed),
                                      render=RenderSettings(samples_per_ray=samples_per_ray), device=device, seed=seed)
             if isinstance(result.background, SolidBackground) and background in ("learned", "random"):
-                result.background = make_background(background).to(device)
+                result.background = make_background(background, seed).to(device)
             elif not isinstance(result.background, SolidBackground) and background not in ("learned", "random"):
-                result.background = make_background(background).to(device)
+                result.background = make_background(background, seed).to(device)
             run_in = RunInputs(settings, references, checkpoint_every, checkpoint_prefix, resume, config)
             progress = Progress(steps)
             if resume is not None:

@@ -1,0 +1,175 @@
+"""Write the two SDS example workflows (UI format) into example_workflows/.
+
+- compose3d_sds_text_to_3d.json: MVDream loader -> prompts -> SDS Optimizer -> Export Mesh -> Preview3D, and a
+  turntable (Orbit Cameras -> Render NeRF -> animated WEBP).
+- compose3d_grounded_dreamer.json: the refocus template's 4 views (compositional prompt, refocused DDIM) -> SDS
+  Optimizer with those views and their cameras as references (Grounded-Dreamer's hybrid) -> mesh -> Preview3D.
+
+The SDS Optimizer's widget values are its schema's defaults (MVDream's settings) with fixed seeds.
+
+    python scripts/make_sds_workflows.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FOLDER = Path(__file__).resolve().parents[1] / "example_workflows"
+PROMPT = "a DSLR photo of a corgi wearing a red hat, 3d asset"
+NEGATIVE = "ugly, blurry, pixelated obscure, unnatural colors, poor lighting, dull, unclear"
+
+
+class Workflow:
+    def __init__(self):
+        self.nodes, self.links = [], []
+
+    def node(self, kind: str, pos, size, widgets=(), inputs=(), outputs=(), title=None):
+        """``inputs``: (name, type, (from node, slot) or None, is_widget); ``outputs``: (name, type)."""
+        node = {"id": len(self.nodes) + 1, "type": kind, "pos": list(pos), "size": list(size), "flags": {},
+                "order": len(self.nodes), "mode": 0, "inputs": [],
+                "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+                "properties": {"Node name for S&R": kind}, "widgets_values": list(widgets)}
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        for slot, (name, kind_, source, widget) in enumerate(inputs):
+            entry = {"name": name, "type": kind_, "link": None}
+            if widget:
+                entry["widget"] = {"name": name}
+            node["inputs"].append(entry)
+            if source is not None:
+                self.link(source, node["id"], slot)
+        return node["id"]
+
+    def link(self, source, target: int, slot: int) -> None:
+        origin, out_slot = source
+        link_id = len(self.links) + 1
+        out = self.nodes[origin - 1]["outputs"][out_slot]
+        self.links.append([link_id, origin, out_slot, target, slot, out["type"]])
+        out["links"].append(link_id)
+        self.nodes[target - 1]["inputs"][slot]["link"] = link_id
+
+    def save(self, name: str) -> None:
+        data = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, name)), "revision": 0, "last_node_id": len(self.nodes),
+                "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links, "groups": [],
+                "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 60]}}, "version": 0.4}
+        (FOLDER / name).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def sds_widgets(**changes) -> list:
+    """The SDS Optimizer's widget values in schema order: defaults, with changes, and 'fixed' after the seed."""
+    from harness.inprocess import init_comfy
+
+    init_comfy()
+    from compose3d.nodes.sds import SDSOptimizer
+
+    values = []
+    for spec in SDSOptimizer.define_schema().inputs:
+        if spec.get_io_type() not in ("INT", "FLOAT", "STRING", "COMBO", "BOOLEAN"):
+            continue
+        values.append(changes.get(spec.id, spec.default))
+        if spec.id == "seed":
+            values.append("fixed")
+    return values
+
+
+SDS_INPUTS = [("model", "MODEL"), ("vae", "VAE"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+              ("nerf", "C3D_NERF"), ("reference_images", "IMAGE"), ("reference_cameras", "C3D_CAMERAS"),
+              ("reference_masks", "MASK")]
+SDS_OUTPUTS = [("nerf", "C3D_NERF"), ("previews", "IMAGE"), ("report", "STRING")]
+LOADER_OUTPUTS = [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]
+
+
+def mesh_and_turntable(w: Workflow, nerf, x: int, prefix: str) -> None:
+    mesh = w.node("Compose3D_ExportMesh", (x, 40), (320, 300),
+                  [f"compose3d/{prefix}", "glb", 192, 10.0, 1, 100000, "texture", 1024],
+                  [("nerf", "C3D_NERF", nerf, False)], [("path", "STRING"), ("mesh", "MESH")])
+    w.node("Preview3D", (x + 360, 40), (420, 420), [""], [("model_file", "STRING", (mesh, 0), True)])
+    ring = w.node("Compose3D_OrbitCameras", (x, 400), (300, 200), [24, 15, 0, 360, 2.5, 40],
+                  outputs=[("cameras", "C3D_CAMERAS")])
+    render = w.node("Compose3D_RenderNeRF", (x, 650), (300, 170), [256, 256, 0],
+                    [("nerf", "C3D_NERF", nerf, False), ("cameras", "C3D_CAMERAS", (ring, 0), False)],
+                    [("rgb", "IMAGE"), ("normal", "IMAGE"), ("opacity", "MASK"), ("depth", "IMAGE")])
+    w.node("SaveAnimatedWEBP", (x + 360, 520), (420, 420), [f"compose3d/{prefix}_turntable", 12.0, False, 85,
+                                                             "default"], [("images", "IMAGE", (render, 0), False)])
+
+
+def text_to_3d() -> None:
+    w = Workflow()
+    loader = w.node("Compose3D_MVDreamLoader", (40, 80), (320, 100), ["sd-v2.1-base-4view.safetensors"],
+                    outputs=LOADER_OUTPUTS)
+    pos = w.node("CLIPTextEncode", (40, 230), (320, 130), [PROMPT], [("clip", "CLIP", (loader, 1), False)],
+                 [("CONDITIONING", "CONDITIONING")], title="Positive")
+    neg = w.node("CLIPTextEncode", (40, 400), (320, 130), [NEGATIVE], [("clip", "CLIP", (loader, 1), False)],
+                 [("CONDITIONING", "CONDITIONING")], title="Negative")
+    sources = {"model": (loader, 0), "vae": (loader, 2), "positive": (pos, 0), "negative": (neg, 0)}
+    sds = w.node("Compose3D_SDSOptimizer", (400, 80), (360, 1150), sds_widgets(),
+                 [(n, t, sources.get(n), False) for n, t in SDS_INPUTS], SDS_OUTPUTS)
+    w.node("PreviewImage", (40, 580), (320, 320), [], [("images", "IMAGE", (sds, 1), False)])
+    mesh_and_turntable(w, (sds, 0), 800, "sds")
+    w.node("Note", (40, 950), (320, 260), ["Text to 3D with MVDream's multi-view score distillation. The SDS "
+           "Optimizer's defaults are MVDream's (10,000 steps, guidance 50, 64 px x 8 views then 256 px x 4); "
+           "its preview updates during the run and Cancel keeps a checkpoint (compose3d/sds_<step>.safetensors "
+           "in the output folder) that 'resume_from' continues. The result is exported as a textured .glb "
+           "(Preview3D) and a turntable. Needs sd-v2.1-base-4view in models/checkpoints and a GPU."])
+    w.save("compose3d_sds_text_to_3d.json")
+
+
+def grounded_dreamer() -> None:
+    w = Workflow()
+    prompt = "a corgi wearing a red hat sitting next to a blue teapot, 3d asset"
+    loader = w.node("Compose3D_MVDreamLoader", (40, 80), (320, 100), ["sd-v2.1-base-4view.safetensors"],
+                    outputs=LOADER_OUTPUTS)
+    text = w.node("PrimitiveStringMultiline", (40, 230), (320, 120), [prompt], outputs=[("STRING", "STRING")],
+                  title="Prompt (shared)")
+    pos = w.node("CLIPTextEncode", (400, 80), (300, 100), [prompt],
+                 [("clip", "CLIP", (loader, 1), False), ("text", "STRING", (text, 0), True)],
+                 [("CONDITIONING", "CONDITIONING")], title="Positive")
+    neg = w.node("CLIPTextEncode", (400, 220), (300, 130), [NEGATIVE], [("clip", "CLIP", (loader, 1), False)],
+                 [("CONDITIONING", "CONDITIONING")], title="Negative")
+    cams = w.node("Compose3D_OrbitCameras", (40, 400), (320, 200), [4, 15, 0, 360, 2.5, 40],
+                  outputs=[("cameras", "C3D_CAMERAS")])
+    cpos = w.node("Compose3D_MVDreamConditioning", (400, 400), (300, 50), [],
+                  [("conditioning", "CONDITIONING", (pos, 0), False), ("cameras", "C3D_CAMERAS", (cams, 0), False)],
+                  [("conditioning", "CONDITIONING")])
+    cneg = w.node("Compose3D_MVDreamConditioning", (400, 490), (300, 50), [],
+                  [("conditioning", "CONDITIONING", (neg, 0), False), ("cameras", "C3D_CAMERAS", (cams, 0), False)],
+                  [("conditioning", "CONDITIONING")])
+    latent = w.node("EmptyLatentImage", (40, 650), (320, 110), [256, 256, 4], outputs=[("LATENT", "LATENT")])
+    sched = w.node("BasicScheduler", (40, 800), (320, 110), ["ddim_uniform", 50, 1.0],
+                   [("model", "MODEL", (loader, 0), False)], [("SIGMAS", "SIGMAS")])
+    sampler = w.node("Compose3D_RefocusSampler", (400, 580), (320, 300),
+                     [prompt, "corgi, hat, teapot", "ddim", 25, 20.0, "0: 0.05, 10: 0.5, 20: 0.8", 20, 0.5],
+                     [("clip", "CLIP", (loader, 1), False), ("prompt", "STRING", (text, 0), True)],
+                     [("SAMPLER", "SAMPLER")])
+    custom = w.node("SamplerCustom", (760, 80), (300, 420), [True, 0, "fixed", 7.5],
+                    [("model", "MODEL", (loader, 0), False), ("positive", "CONDITIONING", (cpos, 0), False),
+                     ("negative", "CONDITIONING", (cneg, 0), False), ("sampler", "SAMPLER", (sampler, 0), False),
+                     ("sigmas", "SIGMAS", (sched, 0), False), ("latent_image", "LATENT", (latent, 0), False)],
+                    [("output", "LATENT"), ("denoised_output", "LATENT")])
+    decode = w.node("VAEDecode", (760, 540), (300, 50), [],
+                    [("samples", "LATENT", (custom, 0), False), ("vae", "VAE", (loader, 2), False)],
+                    [("IMAGE", "IMAGE")])
+    w.node("PreviewImage", (760, 630), (300, 300), [], [("images", "IMAGE", (decode, 0), False)])
+    sources = {"model": (loader, 0), "vae": (loader, 2), "positive": (pos, 0), "negative": (neg, 0),
+               "reference_images": (decode, 0), "reference_cameras": (cams, 0)}
+    sds = w.node("Compose3D_SDSOptimizer", (1100, 80), (360, 1250),
+                 sds_widgets(background="white", checkpoint_prefix="compose3d/grounded_dreamer"),
+                 [(n, t, sources.get(n), False) for n, t in SDS_INPUTS], SDS_OUTPUTS)
+    w.node("PreviewImage", (760, 980), (300, 300), [], [("images", "IMAGE", (sds, 1), False)])
+    mesh_and_turntable(w, (sds, 0), 1500, "grounded_dreamer")
+    w.node("Note", (40, 950), (320, 300), ["Grounded-Dreamer: the Refocus Sampler makes 4 views in which every "
+           "subject ('corgi, hat, teapot') shows up; the SDS Optimizer first fits them (reference views with the "
+           "Orbit Cameras that made them), then lets MVDream's SDS refine from a lower noise level (warm start, "
+           "t at most 0.5) while the reference weight decays from 1000 to 100, so the composition is kept. "
+           "Needs sd-v2.1-base-4view in models/checkpoints and a GPU."])
+    w.save("compose3d_grounded_dreamer.json")
+
+
+if __name__ == "__main__":
+    text_to_3d()
+    grounded_dreamer()
