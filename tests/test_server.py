@@ -122,8 +122,18 @@ def runs_as_shipped(path: Path) -> bool:
     return not any(node.get("type") in MODEL_LOADERS for node in json.loads(path.read_text())["nodes"])
 
 
-def test_workflows_that_need_model_files_are_the_mvdream_example():
-    assert [p.stem for p in example_workflows() if not runs_as_shipped(p)] == ["compose3d_refocus_4views"]
+# Workflows that load an MVDream checkpoint run in their own server tests with a tiny checkpoint in its place.
+RUN_WITH_TINY_MODELS = {
+    "compose3d_refocus_4views": "tests/test_server_mvdream.py",
+    "compose3d_sds_text_to_3d": "tests/test_server_sds.py",
+    "compose3d_grounded_dreamer": "tests/test_server_sds.py",
+}
+
+
+def test_workflows_that_need_model_files_run_in_their_own_server_tests():
+    assert sorted(p.stem for p in example_workflows() if not runs_as_shipped(p)) == sorted(RUN_WITH_TINY_MODELS)
+    for stem, test_file in RUN_WITH_TINY_MODELS.items():
+        assert f"{stem}.json" in (PACK_ROOT / test_file).read_text(), (stem, test_file)
 
 
 @pytest.mark.parametrize("path", [p for p in example_workflows() if runs_as_shipped(p)], ids=lambda p: p.stem)
