@@ -28,7 +28,7 @@ import comfy.samplers
 import folder_paths
 from comfy_api.latest import io
 
-from ..kernels.background import SolidBackground
+from ..kernels.background import LearnedBackground
 from ..kernels.cameras import orbit_cameras
 from ..kernels.distill import (BACKGROUND_KINDS, LOSSES, PhaseTimer, References, SDSReport, SDSRun, SDSSettings,
                                StepResult, json_ready, make_background, sds_step, sds_start)
@@ -51,6 +51,12 @@ log = logging.getLogger("compose3d.sds")
 CHECKPOINT_FORMAT = "compose3d.sds_checkpoint/1"
 VIEWS_PER_OBJECT = 4  # MVDream's models are trained on 4 views of one object
 PREVIEW_SIZE = 128
+LEARNED_KINDS = ("learned", "random")  # backgrounds that train a LearnedBackground (see make_background)
+
+
+def preview_cameras():
+    """The 4 cameras of the progress previews and the ``previews`` output."""
+    return orbit_cameras(4, elevation=15.0, distance=2.5, fov=40.0)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -82,10 +88,10 @@ def check_batches(batches: dict[str, int]) -> None:
                              f"seen by {VIEWS_PER_OBJECT} cameras (MVDream's views)")
 
 
-def check_references(images, cameras, masks, background: str) -> References | None:
-    """Raise InputError on an incomplete or inconsistent set of reference views; None when none are given."""
+def check_references(images, cameras, masks, background: str) -> bool:
+    """Raise InputError on an incomplete or inconsistent set of reference views; whether any are given."""
     if images is None and cameras is None and masks is None:
-        return None
+        return False
     if images is None:
         raise InputError("reference_images: missing; reference cameras or masks need the reference views too")
     if cameras is None:
@@ -95,10 +101,10 @@ def check_references(images, cameras, masks, background: str) -> References | No
         check_views(images, cameras, masks)
     except ValueError as e:
         raise InputError(f"reference_{e}") from None
-    if masks is not None and background in ("learned", "random"):
+    if masks is not None and background in LEARNED_KINDS:
         raise InputError(f"background: with reference masks pick the solid colour behind the reference views "
                          f"(white for MVDream's), not {background!r}")
-    return True  # filled in by the caller
+    return True
 
 
 def ranges(low: float, high: float, name: str) -> tuple[float, float]:
@@ -217,7 +223,7 @@ def optimise(model, vae, positive, negative, nerf: NeRF, run_in: RunInputs, prog
     """Train ``nerf`` in place; returns the report. Writes checkpoints; raises what interrupted it."""
     s = run_in.settings
     device = nerf.device
-    report = SDSReport(memory_kind="GPU allocated" if device.type == "cuda" else "process RSS")
+    report = SDSReport(memory_kind="GPU allocated" if device.type == "cuda" else "process peak RSS")
     optimizer = make_optimizer(nerf_param_groups(nerf, s.learning_rate), kind="adamw", weight_decay=s.weight_decay)
     groups = {g["name"]: g["lr"] for g in optimizer.param_groups}
     if "optimizer" in nerf.training and run_in.resume is None:
@@ -240,7 +246,7 @@ def optimise(model, vae, positive, negative, nerf: NeRF, run_in: RunInputs, prog
     occupancy = OccupancyUpdates(nerf.occupancy, nerf.field.density, nerf.occupancy_threshold(), schedule)
     prefix = run_in.checkpoint_prefix
     preview_every = max(10, s.steps // 40)
-    preview_cameras = orbit_cameras(4, elevation=15.0, distance=2.5, fov=40.0)
+    previews = preview_cameras()
 
     def save(step: int) -> None:
         tensors, state_meta = checkpoint_tensors(nerf, state)
@@ -274,7 +280,7 @@ def optimise(model, vae, positive, negative, nerf: NeRF, run_in: RunInputs, prog
                 save(done.step)
             preview = None
             if done.step % preview_every == 0 or done.step == s.steps:
-                preview = preview_render(nerf, preview_cameras[(done.step // preview_every) % 4], PREVIEW_SIZE)
+                preview = preview_render(nerf, previews[(done.step // preview_every) % 4], PREVIEW_SIZE)
             progress.update(done.step, preview)
 
         nerf.field.train()
@@ -463,16 +469,15 @@ class SDSOptimizer(Compose3DNode):
             if nerf is not None:
                 result = nerf.clone().to(device)
                 result.render = RenderSettings(samples_per_ray, result.render.chunk_rays)
+                # a learned background keeps its training; a solid one is the colour picked now
+                if background not in LEARNED_KINDS or not isinstance(result.background, LearnedBackground):
+                    result.background = make_background(background, seed).to(device)
             else:
                 field_config = config_for_device(device.type)
                 if resume is not None:
                     field_config = FieldConfig(**resume[1]["field"])
                 result = NeRF.create(field_config, background=make_background(background, seed),
                                      render=RenderSettings(samples_per_ray=samples_per_ray), device=device, seed=seed)
-            if isinstance(result.background, SolidBackground) and background in ("learned", "random"):
-                result.background = make_background(background, seed).to(device)
-            elif not isinstance(result.background, SolidBackground) and background not in ("learned", "random"):
-                result.background = make_background(background, seed).to(device)
             run_in = RunInputs(settings, references, checkpoint_every, checkpoint_prefix, resume, config)
             progress = Progress(steps)
             if resume is not None:
@@ -482,6 +487,6 @@ class SDSOptimizer(Compose3DNode):
         if callable(receiver):
             receiver(report)
         log.info("%s", report.text())
-        previews = render_views(result.field, result.background, orbit_cameras(4, 15.0, 0.0, 360.0, 2.5, 40.0),
-                                PREVIEW_SIZE, PREVIEW_SIZE, result.render, result.occupancy, with_normals=False)
+        previews = render_views(result.field, result.background, preview_cameras(), PREVIEW_SIZE, PREVIEW_SIZE,
+                                result.render, result.occupancy, with_normals=False)
         return io.NodeOutput(result, previews["features"].clamp(0, 1), report.text())

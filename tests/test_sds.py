@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 import compose3d.kernels.distill as distill
 import compose3d.nodes.sds as sds_node
+from compose3d.kernels.background import LearnedBackground
 from compose3d.kernels.cameras import orbit_cameras
 from compose3d.nodes.mvdream import MVDreamLoader
 from compose3d.nodes.sds import SDSOptimizer
@@ -216,6 +217,26 @@ def test_continuing_a_nerf_keeps_its_field_and_counts_steps(mvdream):
     assert second.steps_trained == 4
     assert torch.equal(first.field.encoding.table, table)  # the input NeRF is not changed
     assert not torch.equal(second.field.encoding.table, table)
+
+
+def test_continuing_a_nerf_takes_the_background_picked_now(mvdream):
+    model, _, vae, positive, negative = mvdream
+    white, _, _ = run_sds(model, vae, positive, negative, steps=1, background="white")
+    black, _, _ = run_sds(model, vae, positive, negative, steps=1, background="black", nerf=white)
+    assert black.background.rgb.tolist() == [0.0, 0.0, 0.0]
+    assert white.background.rgb.tolist() == [1.0, 1.0, 1.0]
+    learned, _, _ = run_sds(model, vae, positive, negative, steps=1, background="learned", nerf=black)
+    assert isinstance(learned.background, LearnedBackground)
+    # a learned background goes on from its trained weights (a step at the smallest learning rate barely moves
+    # them), not from a fresh one (which one step at the default rate already left behind)
+    kept, _, _ = run_sds(model, vae, positive, negative, steps=1, background="learned", nerf=learned,
+                         learning_rate=1e-5)
+    fresh = distill.make_background("learned", SMALL["seed"])
+
+    def distance(a, b):
+        return max(float((x - y).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    assert distance(kept.background, learned.background) < 0.1 * distance(fresh, learned.background)
 
 
 def test_hybrid_fits_reference_views_first(mvdream, monkeypatch):
