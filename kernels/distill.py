@@ -18,6 +18,7 @@ rays are rendered again chunk by chunk, each chunk backpropagating its share, so
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -196,20 +197,16 @@ class PhaseTimer:
         if self.cuda:
             torch.cuda.synchronize()
 
+    @contextlib.contextmanager
     def phase(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                timer._sync()
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer._sync()
-                timer.add(name, time.perf_counter() - self.start)
-                return False
-
-        return _Phase()
+        """Charge the ``with`` block's time to ``name`` (also when it raises)."""
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.add(name, time.perf_counter() - start)
 
     def add(self, name: str, seconds: float) -> None:
         self.totals[name] = self.totals.get(name, 0.0) + seconds
