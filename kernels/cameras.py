@@ -24,7 +24,6 @@ Example::
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -181,17 +180,24 @@ def orbit_cameras(views: int = 4, elevation: float = 15.0, azimuth_start: float 
     distance = check_range("distance", distance, 0.0, 1e4, low_open=True)
     fov = check_range("fov", fov, 0.0, 180.0, low_open=True, high_open=True, unit="degrees")
 
-    azimuth = orbit_azimuths(views, start, span)
-    elev = torch.full((views,), elevation, dtype=torch.float64)
-    c2w = look_at(orbit_positions(elev, azimuth, torch.full((views,), distance, dtype=torch.float64)))
-    fov_y = torch.full((views,), math.radians(fov), dtype=torch.float64)
+    def full(value: float) -> Tensor:
+        return torch.full((views,), value, dtype=torch.float64)
+
+    return spherical_cameras(full(elevation), orbit_azimuths(views, start, span), full(distance), full(fov))
+
+
+def spherical_cameras(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor, fov_deg: Tensor) -> Cameras:
+    """N cameras looking at the origin from the given spherical positions (all (N,), float64; degrees), with
+    vertical field of view ``fov_deg``; the positions as :func:`orbit_positions`."""
+    c2w = look_at(orbit_positions(elevation_deg, azimuth_deg, distance))
+    fov_y = torch.deg2rad(fov_deg)
     return Cameras(
         c2w=c2w.float(),
         intrinsics=normalized_intrinsics(fov_y).float(),
         mvdream=mvdream_camera_vectors(c2w).float(),
         fov_y=fov_y.float(),
-        elevation_deg=elev.float(),
-        azimuth_deg=azimuth.float(),
+        elevation_deg=elevation_deg.float(),
+        azimuth_deg=azimuth_deg.float(),
     )
 
 

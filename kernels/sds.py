@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cameras import Cameras, look_at, mvdream_camera_vectors, normalized_intrinsics, orbit_positions
+from .cameras import Cameras, spherical_cameras
 from .checks import check_int_range, check_range, check_shape
 
 
@@ -158,11 +158,7 @@ def sample_cameras(batch: int, ranges: CameraRanges, generator: torch.Generator)
     distance = ranges.distance_of(_uniform(objects, *ranges.distance, generator), fov)
     azimuth = ((start[:, None] + torch.arange(views, dtype=torch.float64)) / views * 360.0 - 180.0).reshape(-1)
     elevation, fov, distance = (v.repeat_interleave(views) for v in (elevation, fov, distance))
-    c2w = look_at(orbit_positions(elevation, azimuth, distance))
-    fov_y = torch.deg2rad(fov)
-    return Cameras(c2w=c2w.float(), intrinsics=normalized_intrinsics(fov_y).float(),
-                   mvdream=mvdream_camera_vectors(c2w).float(), fov_y=fov_y.float(),
-                   elevation_deg=elevation.float(), azimuth_deg=azimuth.float())
+    return spherical_cameras(elevation, azimuth, distance, fov)
 
 
 # ---------------------------------------------------------------------------------------------------- losses

@@ -15,8 +15,8 @@ works with core samplers, model patches and LoRA.
 Cameras travel in the CONDITIONING under :data:`CAMERA_KEY` as (V, 16) MVDream camera vectors (attached by
 ``Compose3D_MVDreamConditioning``). :meth:`MVDreamModel.extra_conds` turns them into the per-sample ``camera`` input
 (tiled over the batch, so sample i gets camera i mod V) and the ``num_views`` constant. The SDS optimiser attaches
-the cameras of several objects at once, (N, 16) with ``VIEWS_KEY`` = V views per object (N a multiple of V). Without cameras the model is
-a single-view SD UNet with no camera embedding, as upstream with ``camera=None``.
+the cameras of several objects at once: (N, 16) with ``VIEWS_KEY`` = V views per object (N a multiple of V).
+Without cameras the model is a single-view SD UNet with no camera embedding, as upstream with ``camera=None``.
 """
 from __future__ import annotations
 
@@ -159,7 +159,9 @@ class MVDreamModel(comfy.model_base.BaseModel):
             count = cameras.shape[0]
             views = int(kwargs.get(VIEWS_KEY) or count)
             batch = kwargs["noise"].shape[0]
-            if batch % count or count % views:
+            if count % views:
+                raise ValueError(f"MVDream: {count} cameras are not a whole number of objects of {views} views")
+            if batch % count:
                 raise ValueError(
                     f"MVDream: the latent batch of {batch} is not a multiple of the {count} views of the cameras "
                     f"(Compose3D_MVDreamConditioning). Set the latent batch size to {count} (one object) or a "
