@@ -192,6 +192,19 @@ def clip_l_text_state_dict(*, width: int, layers: int, seed: int) -> dict[str, t
     return sd
 
 
+#: Where an SD3 checkpoint keeps its CLIP-L text encoder (``comfy.supported_models.SD3.clip_target``).
+SD3_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+
+
+def sd3_clip_l_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """SD3's CLIP-L text encoder at its real size (ComfyUI builds CLIP-L from a fixed config: 12 layers of 768;
+    123 M parameters, 246 MB in float16): with it inside an SD3 checkpoint, core loaders give an SD3 CLIP whose
+    CLIP-L part of the context differs from token to token (CLIP-G and T5 absent, their parts zero)."""
+    sd = clip_l_text_state_dict(width=768, layers=12, seed=seed)
+    sd["text_projection.weight"] = fill_seeded({"w": torch.empty(768, 768)}, seed + 1)["w"]
+    return sd
+
+
 def mvdream_checkpoint_state_dict(family: str = "sd21", seed: int = 21, *, shape: dict | None = None,
                                   text_width: int = 64) -> dict[str, torch.Tensor]:
     """A whole MVDream checkpoint in the released key layout (``sd-v2.1-base-4view`` or ``sd-v1.5-4view``):
@@ -243,6 +256,7 @@ def build_tiny_models(models_root: Path) -> TinyModels:
     save_file(mmdit, tm.path("diffusion_models", tm.sd3_diffusion_model), metadata={"compose3d": "tiny sd3"})
     sd3 = prefixed(UNET_PREFIX, mmdit)
     sd3.update(prefixed(VAE_PREFIX, taesd_state_dict(16, seed=3016)))
+    sd3.update(prefixed(SD3_CLIP_L_PREFIX, sd3_clip_l_state_dict(seed=3768)))
     save_file(sd3, tm.path("checkpoints", tm.sd3_checkpoint), metadata={"compose3d": "tiny sd3 test model"})
 
     mv = mvdream_checkpoint_state_dict("sd21", seed=21)

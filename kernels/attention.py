@@ -83,6 +83,56 @@ def _rows(bias: Tensor, start: int, stop: int, lq: int) -> Tensor:
     return bias
 
 
+def selected_probabilities(q: Tensor, k: Tensor, heads: int, keep: Tensor | slice,
+                           chunk_logits: int | None = None) -> Tensor:
+    """The head-averaged attention probabilities of the kept key columns, without the attention output.
+
+    ``softmax(q k^T / sqrt(D))`` per head over **all** Lk keys (exact probabilities), averaged over heads, then
+    only the columns ``keep``. For reading a model's attention next to its own fast attention call: the
+    output comes from the model, the probabilities from here. Chunked over queries like :func:`attention`:
+    memory is one chunk of logits plus the (B, Lq, K) result.
+
+    Args:
+        q: (B, Lq, H * D) queries; k: (B, Lk, H * D) keys (heads packed in channels).
+        keep: a (K,) long tensor of key columns, or a slice.
+
+    Returns:
+        (B, Lq, K) in the inputs' dtype; each row's entries are >= 0 and sum to at most 1.
+
+    >>> q = torch.zeros(1, 2, 4); k = torch.randn(1, 3, 4)
+    >>> selected_probabilities(q, k, heads=2, keep=torch.tensor([0, 2]))
+    tensor([[[0.3333, 0.3333],
+             [0.3333, 0.3333]]])
+    """
+    sizes = check_shape("q", q, ("B", "Lq", "C"))
+    check_shape("k", k, ("B", "Lk", "C"), sizes=sizes)
+    b, lq, lk, channels = sizes["B"], sizes["Lq"], sizes["Lk"], sizes["C"]
+    if channels % heads:
+        raise ValueError(f"heads: {heads} heads do not divide the {channels} query/key channels")
+    dim = channels // heads
+    qh = q.reshape(b, lq, heads, dim).transpose(1, 2)  # (B, H, Lq, D)
+    kh = k.reshape(b, lk, heads, dim).transpose(1, 2)
+    kept_keys = kh[:, :, keep]  # (B, H, K, D)
+    rows = max(1, (chunk_logits or CHUNK_LOGITS) // (b * heads * lk))
+    kept = []
+    for start in range(0, lq, rows):
+        qc = qh[:, :, start:start + rows] * dim ** -0.5
+        norm = torch.logsumexp(qc @ kh.transpose(-1, -2), dim=-1, keepdim=True)  # (B, H, rows, 1)
+        kept.append(torch.exp(qc @ kept_keys.transpose(-1, -2) - norm).mean(dim=1))
+    return torch.cat(kept, dim=1) if len(kept) > 1 else kept[0]
+
+
+def selected_scores(q: Tensor, k: Tensor, keep: Tensor | slice) -> Tensor:
+    """Raw attention scores with the heads merged: ``q . k`` over all H * D channels for the kept key columns.
+
+    No softmax and no scale (DreamBeast's official map reads these and min-max normalises them, so a constant
+    scale cancels). q: (B, Lq, C), k: (B, Lk, C) -> (B, Lq, K).
+    """
+    sizes = check_shape("q", q, ("B", "Lq", "C"))
+    check_shape("k", k, ("B", "Lk", "C"), sizes=sizes)
+    return q @ k[:, keep].transpose(-1, -2)
+
+
 def views_to_sequence(x: Tensor, views: int) -> Tensor:
     """(B * V, L, C) -> (B, V * L, C): one sequence holding every view of an object."""
     bv, length, channels = x.shape

@@ -206,3 +206,16 @@ def concat_cameras(*rigs: Cameras) -> Cameras:
     if not rigs:
         raise ValueError("cameras: nothing to combine")
     return Cameras(*(torch.cat([getattr(r, f).cpu() for r in rigs]) for f in Cameras.__dataclass_fields__))
+
+
+def view_directions(azimuth_deg: Tensor, front_deg: float = 0.0) -> list[str]:
+    """The direction word ("front", "side" or "back") of each camera, for view-dependent prompts.
+
+    The object faces the camera at azimuth ``front_deg`` (default 0: the camera on +z). A camera within 45
+    degrees of it sees the front, within 45 degrees of the opposite side the back, any other the side.
+
+    >>> view_directions(torch.tensor([0.0, 90.0, 180.0, 270.0, -30.0]))
+    ['front', 'side', 'back', 'side', 'front']
+    """
+    offset = torch.remainder(azimuth_deg.double() - front_deg + 180.0, 360.0) - 180.0  # in [-180, 180)
+    return ["front" if abs(a) <= 45.0 else "back" if abs(a) >= 135.0 else "side" for a in offset.tolist()]

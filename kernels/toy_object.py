@@ -22,6 +22,11 @@ SPHERES = (((0.0, -0.05, 0.0), 0.42), ((0.0, 0.48, 0.05), 0.24))
 BOXES = (((-0.5, -0.62, -0.4), (0.5, -0.42, 0.4)),)
 
 
+#: The toy's parts, named as a prompt would: the head sphere, the body sphere's left (x < 0) and right halves,
+#: and the base box. The body is cut in two so that part maps are not the same from every side.
+TOY_PARTS = ("head", "left side", "right side", "base")
+
+
 def surface_color(points: Tensor) -> Tensor:
     """(P, 3) surface points -> (P, 3) rgb in [0, 1]: smooth bands on the body, warm head, wood-like base."""
     x, y, z = points.unbind(-1)
@@ -71,6 +76,21 @@ def render_toy_object(cameras: Cameras, height: int, width: int,
     n = len(cameras)
     return (rgb.float().view(n, height, width, 3), hit.float().view(n, height, width),
             torch.where(hit, t, torch.zeros_like(t)).float().view(n, height, width))
+
+
+def render_toy_part_maps(cameras: Cameras, height: int, width: int) -> Tensor:
+    """Exact part maps: (N, K, H, W) float32, 1 where the ray's first hit is on part k (:data:`TOY_PARTS`),
+    0 elsewhere (and everywhere for rays that miss the object)."""
+    origins, directions = camera_rays(cameras, height, width, device="cpu")
+    o, d = origins.reshape(-1, 3).double(), directions.reshape(-1, 3).double()
+    body, head = (_ray_sphere(o, d, c, r) for c, r in SPHERES)
+    base = _ray_box(o, d, *BOXES[0])
+    t, solid = torch.stack([body, head, base], dim=-1).min(dim=-1)  # solid: 0 body, 1 head, 2 base
+    hit = torch.isfinite(t)
+    x = (o + d * torch.where(hit, t, torch.zeros_like(t))[:, None])[:, 0]
+    label = torch.where(solid == 1, 0, torch.where(solid == 2, 3, torch.where(x < 0, 1, 2)))
+    maps = torch.nn.functional.one_hot(label, len(TOY_PARTS)).double() * hit[:, None]
+    return maps.float().T.reshape(len(TOY_PARTS), len(cameras), height, width).transpose(0, 1).contiguous()
 
 
 def inside_object(points: Tensor, margin: float = 0.0) -> Tensor:

@@ -9,7 +9,9 @@ from .cameras import CombineCameras, OrbitCameras, PreviewCameras
 from .mesh import ExportMesh
 from .mvdream import MVDreamConditioning, MVDreamLoader
 from .nerf import NeRFFromViews, RenderNeRF
+from .part_field import PartAffinityNeRF, PartMapsFromMasks, PartMapsToMasks, RenderPartMaps, TestObjectPartMaps
 from .refocus import RefocusSampler
+from .sd3_capture import SD3AttentionCapture
 from .sds import SDSOptimizer
 from .toy_object import ToyObjectViews
 
@@ -25,6 +27,12 @@ NODES: list[type[io.ComfyNode]] = [
     MVDreamConditioning,
     RefocusSampler,
     SDSOptimizer,
+    SD3AttentionCapture,
+    PartAffinityNeRF,
+    RenderPartMaps,
+    PartMapsToMasks,
+    PartMapsFromMasks,
+    TestObjectPartMaps,
 ]
 
 

@@ -14,6 +14,12 @@ CamerasType = io.Custom("C3D_CAMERAS")
 #: :class:`kernels.nerf.NeRF`
 NeRFType = io.Custom("C3D_NERF")
 
+#: :class:`kernels.part_maps.PartMaps`
+PartMapsType = io.Custom("C3D_PART_MAPS")
+
+#: :class:`kernels.part_field.PartField`
+PartFieldType = io.Custom("C3D_PART_FIELD")
+
 #: CONDITIONING key holding the (V, 16) MVDream camera vectors of one object's V views
 #: (attached by ``Compose3D_MVDreamConditioning``, read by the MVDream model and the samplers).
 CAMERA_KEY = "c3d_mvdream_cameras"

@@ -39,6 +39,8 @@ from comfy_api.latest import io
 from ..kernels.cameras import Cameras
 from ..kernels.checks import check_choice, check_file_name
 from ..kernels.nerf import NeRF
+from ..kernels.part_field import PartField
+from ..kernels.part_maps import PartMaps
 
 log = logging.getLogger("compose3d.validation")
 
@@ -97,6 +99,22 @@ def _conditioning(value) -> str | None:
     return None
 
 
+def _part_maps(value) -> str | None:
+    """C3D_PART_MAPS: a PartMaps whose maps are finite, (V, K, H, W), one camera per view."""
+    if not isinstance(value, PartMaps):
+        return f"got {_describe(value)}"
+    maps = value.maps
+    if not isinstance(maps, torch.Tensor) or maps.ndim != 4 or 0 in maps.shape:
+        return f"got part maps holding {_describe(maps)}; maps are (views, parts, H, W)"
+    if len(value.cameras) != maps.shape[0]:
+        return f"got part maps of {maps.shape[0]} views with {len(value.cameras)} cameras"
+    if len(value.parts) != maps.shape[1]:
+        return f"got part maps of {maps.shape[1]} parts named {list(value.parts)}"
+    if not bool(torch.isfinite(maps).all()):
+        return "got part maps holding NaN or infinite values"
+    return None
+
+
 def _comfy_class(module: str, name: str) -> Callable[[], type]:
     def get() -> type:
         import importlib
@@ -110,6 +128,8 @@ def _comfy_class(module: str, name: str) -> Callable[[], type]:
 SOCKETS: dict[str, Socket] = {
     "C3D_CAMERAS": Socket("a camera rig (e.g. from Orbit Cameras)", _instance_of(lambda: Cameras)),
     "C3D_NERF": Socket("a NeRF (e.g. from NeRF From Views)", _instance_of(lambda: NeRF)),
+    "C3D_PART_MAPS": Socket("part maps (e.g. from SD3 Attention Capture)", _part_maps),
+    "C3D_PART_FIELD": Socket("a part field (e.g. from Part-Affinity NeRF)", _instance_of(lambda: PartField)),
     "IMAGE": Socket("an IMAGE batch (B, H, W, C) with values in [0, 1]",
                     _float_tensor("IMAGE batches", "(B, H, W, C)", "an image batch",
                                   lambda shape: len(shape) == 4 and 1 <= shape[-1] <= 4)),
