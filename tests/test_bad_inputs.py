@@ -40,6 +40,16 @@ FAST = {
     "Compose3D_SDSOptimizer": {"steps": 2, "low_resolution": 64, "low_batch": 4, "high_resolution": 64,
                                "high_batch": 4, "samples_per_ray": 16, "checkpoint_every": 0,
                                "checkpoint_prefix": "c3d_bad_inputs/sds"},
+    "Compose3D_SD3AttentionCapture": {"blocks": "1", "t_high": 950.0, "steps": 4, "resolution": 64, "map_size": 8},
+    "Compose3D_PartAffinityNeRF": {"steps": 2, "rays_per_step": 64, "train_size": 8},
+    "Compose3D_RenderPartMaps": {"size": 8, "samples_per_ray": 16},
+    "Compose3D_PartMapsFromMasks": {"parts": "object"},
+    "Compose3D_TestObjectPartMaps": {"size": 16},
+}
+
+#: Socket types a node gets from other providers than the shared ones (SD3 nodes need an SD3 model).
+NODE_PROVIDERS = {
+    "Compose3D_SD3AttentionCapture": {"MODEL": "_sd3_model", "CLIP": "_sd3_clip", "VAE": "_sd3_vae"},
 }
 
 
@@ -86,6 +96,20 @@ def _mvdream(graph: Graph):
     return graph.g.node("Compose3D_MVDreamLoader", ckpt_name=graph.tiny_models.mvdream_checkpoint)
 
 
+def _sd3(graph: Graph):
+    return graph.g.node("CheckpointLoaderSimple", ckpt_name=graph.tiny_models.sd3_checkpoint)
+
+
+def _part_maps(graph: Graph):
+    return graph.g.node("Compose3D_TestObjectPartMaps", cameras=graph.provide("C3D_CAMERAS"), size=16).out(0)
+
+
+def _part_field(graph: Graph):
+    return graph.g.node("Compose3D_PartAffinityNeRF", part_maps=graph.provide("C3D_PART_MAPS"),
+                        nerf=graph.provide("C3D_NERF"), steps=2, rays_per_step=64, train_size=8,
+                        learning_rate=0.01, normalize=True, seed=0).out(0)
+
+
 def _conditioning(graph: Graph):
     return graph.g.node("CLIPTextEncode", text="a cat", clip=graph.provide("CLIP")).out(0)
 
@@ -101,6 +125,12 @@ PROVIDERS: dict[str, Callable[[Graph], Any]] = {
     "CLIP": lambda graph: graph.provide("_mvdream").out(1),
     "VAE": lambda graph: graph.provide("_mvdream").out(2),
     "CONDITIONING": _conditioning,
+    "_sd3": _sd3,
+    "_sd3_model": lambda graph: graph.provide("_sd3").out(0),
+    "_sd3_clip": lambda graph: graph.provide("_sd3").out(1),
+    "_sd3_vae": lambda graph: graph.provide("_sd3").out(2),
+    "C3D_PART_MAPS": _part_maps,
+    "C3D_PART_FIELD": _part_field,
 }
 
 
@@ -150,7 +180,7 @@ def build(node_id: str, info: dict, tiny_models, changes: dict[str, Callable[[Gr
             if node_id == "Compose3D_MVDreamLoader" and spec.name == "ckpt_name":
                 values[spec.name] = tiny_models.mvdream_checkpoint
         elif spec.required:
-            values[spec.name] = graph.provide(spec.io_type)
+            values[spec.name] = graph.provide(NODE_PROVIDERS.get(node_id, {}).get(spec.io_type, spec.io_type))
     node = graph.g.node(node_id, **values)
     if not info["output_node"]:
         for index in range(len(info["output"])):
