@@ -4,6 +4,9 @@
   head-averaged probabilities of chosen key columns, computed in chunks of queries so memory stays bounded.
   The explicit form is what capture (the refocus sampler, SD3 part maps) and modulation (logit biases) need;
   plain inference keeps the model's own fast attention.
+* :func:`selected_probabilities` / :func:`selected_scores`: only the kept key columns' probabilities (exact,
+  softmax over all keys) or raw scores, chunked over queries, to read next to a model's own attention call
+  (the SD3 capture: the model's output stays its own).
 * Multi-view folding (MVDream): the tokens of the V views of one object attend to each other, so before
   self-attention ``(b v) l c -> b (v l) c`` and after it back. Views of one object are contiguous in the batch.
 

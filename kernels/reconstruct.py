@@ -117,7 +117,8 @@ def photometric_step(nerf: NeRF, pixels: PosedPixels, step: Step, rays_per_step:
         step.check_interrupt()
         chunk_mse, chunk_loss = _chunk_loss(nerf, pixels, pick[rays], jitter[rays], skip_empty, mask_weight)
         share = len(rays) / rays_per_step  # the batch's mean is the share-weighted chunk means
-        (chunk_loss * (share * weight)).backward()
+        if chunk_loss.requires_grad:  # a chunk whose samples all lie in empty cells has nothing to learn from
+            (chunk_loss * (share * weight)).backward()
         loss, mse = loss + float(chunk_loss.detach()) * share, mse + float(chunk_mse.detach()) * share
     return PhotometricLoss(loss, mse)
 

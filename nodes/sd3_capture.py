@@ -138,7 +138,9 @@ class AttentionRecorder:
         if int(self.columns.max()) >= call.text_length:
             raise RuntimeError(f"attention capture: token column {int(self.columns.max())} is beyond the "
                                f"{call.text_length} text tokens the model got")
-        cols = self.columns.to(call.q.device)
+        if self.columns.device != call.q.device:
+            self.columns = self.columns.to(call.q.device)  # once: the capture's calls are on one device
+        cols = self.columns
         for n, kind in enumerate(chunks):
             if kind != 0:  # only the conditional (prompt) half
                 continue
@@ -290,7 +292,7 @@ class SD3AttentionCapture(Compose3DNode):
                                 tooltip="What the object is; the part phrases must be words of it."),
                 io.String.Input("parts", default="cat, wings",
                                 tooltip="Comma-separated part phrases, each words of the prompt; one map each."),
-                io.String.Input("negative", default="", optional=True,
+                io.String.Input("negative", default="",
                                 tooltip="Negative prompt for the CFG denoising (DreamBeast: empty)."),
                 io.String.Input("blocks", default="11",
                                 tooltip="Joint-attention blocks to read, comma-separated (SD3-medium has 24; "
@@ -323,9 +325,9 @@ class SD3AttentionCapture(Compose3DNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, views, cameras, prompt, parts, blocks, t_low, t_high, sdedit_timestep,
-                steps, cfg, resolution, map_size, normalization, text_tokens, view_words, seed,
-                negative="") -> io.NodeOutput:
+    def execute(cls, model, clip, vae, views, cameras, prompt, parts, negative, blocks, t_low, t_high,
+                sdedit_timestep, steps, cfg, resolution, map_size, normalization, text_tokens, view_words,
+                seed) -> io.NodeOutput:
         check_capture_model(model)
         for name, t in (("t_low", t_low), ("t_high", t_high)):
             if not 0.0 < t < 1000.0:

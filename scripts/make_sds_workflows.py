@@ -11,53 +11,16 @@ The SDS Optimizer's widget values are its schema's defaults (MVDream's settings)
 """
 from __future__ import annotations
 
-import json
 import sys
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.ui_workflow import Workflow, schema_widgets  # noqa: E402
+
 FOLDER = Path(__file__).resolve().parents[1] / "example_workflows"
 PROMPT = "a DSLR photo of a corgi wearing a red hat, 3d asset"
 NEGATIVE = "ugly, blurry, pixelated obscure, unnatural colors, poor lighting, dull, unclear"
-
-
-class Workflow:
-    def __init__(self):
-        self.nodes, self.links = [], []
-
-    def node(self, kind: str, pos, size, widgets=(), inputs=(), outputs=(), title=None):
-        """``inputs``: (name, type, (from node, slot) or None, is_widget); ``outputs``: (name, type)."""
-        node = {"id": len(self.nodes) + 1, "type": kind, "pos": list(pos), "size": list(size), "flags": {},
-                "order": len(self.nodes), "mode": 0, "inputs": [],
-                "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
-                "properties": {"Node name for S&R": kind}, "widgets_values": list(widgets)}
-        if title:
-            node["title"] = title
-        self.nodes.append(node)
-        for slot, (name, kind_, source, widget) in enumerate(inputs):
-            entry = {"name": name, "type": kind_, "link": None}
-            if widget:
-                entry["widget"] = {"name": name}
-            node["inputs"].append(entry)
-            if source is not None:
-                self.link(source, node["id"], slot)
-        return node["id"]
-
-    def link(self, source, target: int, slot: int) -> None:
-        origin, out_slot = source
-        link_id = len(self.links) + 1
-        out = self.nodes[origin - 1]["outputs"][out_slot]
-        self.links.append([link_id, origin, out_slot, target, slot, out["type"]])
-        out["links"].append(link_id)
-        self.nodes[target - 1]["inputs"][slot]["link"] = link_id
-
-    def save(self, name: str) -> None:
-        data = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, name)), "revision": 0, "last_node_id": len(self.nodes),
-                "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links, "groups": [],
-                "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 60]}}, "version": 0.4}
-        (FOLDER / name).write_text(json.dumps(data, indent=1) + "\n")
 
 
 def sds_widgets(**changes) -> list:
@@ -67,14 +30,7 @@ def sds_widgets(**changes) -> list:
     init_comfy()
     from compose3d.nodes.sds import SDSOptimizer
 
-    values = []
-    for spec in SDSOptimizer.define_schema().inputs:
-        if spec.get_io_type() not in ("INT", "FLOAT", "STRING", "COMBO", "BOOLEAN"):
-            continue
-        values.append(changes.get(spec.id, spec.default))
-        if spec.id == "seed":
-            values.append("fixed")
-    return values
+    return schema_widgets(SDSOptimizer, **changes)
 
 
 SDS_INPUTS = [("model", "MODEL"), ("vae", "VAE"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -116,7 +72,7 @@ def text_to_3d() -> None:
            "its preview updates during the run and Cancel keeps a checkpoint (compose3d/sds_<step>.safetensors "
            "in the output folder) that 'resume_from' continues. The result is exported as a textured .glb "
            "(Preview3D) and a turntable. Needs sd-v2.1-base-4view in models/checkpoints and a GPU."])
-    w.save("compose3d_sds_text_to_3d.json")
+    w.save(FOLDER, "compose3d_sds_text_to_3d.json")
 
 
 def grounded_dreamer() -> None:
@@ -167,7 +123,7 @@ def grounded_dreamer() -> None:
            "Orbit Cameras that made them), then lets MVDream's SDS refine from a lower noise level (warm start, "
            "t at most 0.5) while the reference weight decays from 1000 to 100, so the composition is kept. "
            "Needs sd-v2.1-base-4view in models/checkpoints and a GPU."])
-    w.save("compose3d_grounded_dreamer.json")
+    w.save(FOLDER, "compose3d_grounded_dreamer.json")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,21 @@ def test_reconstruction_with_wrong_poses_fails_the_thresholds(broken):
     print(f"\nposes off by up to 30 degrees: {broken}")
     assert broken["psnr"] < MIN_PSNR
     assert broken["chamfer"] > MAX_CHAMFER
+
+
+def test_a_step_whose_last_chunk_misses_every_occupied_cell_still_trains():
+    """96 samples per ray cut 2048 rays into chunks of 682, 682, 682 and 2: the 2 rays of the last chunk can miss
+    the object's cells entirely; that chunk has no gradient to give and must not stop the step (it did: 'element 0
+    of tensors does not require grad')."""
+    from compose3d.kernels.background import SolidBackground
+    from compose3d.kernels.field import config_for_device
+    from compose3d.kernels.nerf import NeRF
+    from compose3d.kernels.reconstruct import FitSettings, fit_views
+
+    ring = orbit_cameras(8, 15.0, distance=2.5)
+    images, masks, _ = render_toy_object(ring, 64, 64)
+    nerf = NeRF.create(config_for_device("cpu", blob_density=0.0, density_activation="exp"),
+                       background=SolidBackground((1.0, 1.0, 1.0)))
+    with torch.enable_grad():
+        fit_views(nerf, images, ring, masks, FitSettings(steps=5, rays_per_step=2048))
+    assert nerf.steps_trained == 5

@@ -44,7 +44,7 @@ def capture(sd3, views, model=None, **changes):
     model_, clip, vae = sd3
     images, cameras = views
     inputs = dict(model=model or model_, clip=clip, vae=vae, views=images, cameras=cameras, prompt=PROMPT,
-                  parts="head", blocks="1", t_low=300.0, t_high=800.0, sdedit_timestep=600.0, steps=8, cfg=3.0,
+                  parts="head", negative="", blocks="1", t_low=300.0, t_high=800.0, sdedit_timestep=600.0, steps=8, cfg=3.0,
                   resolution=RESOLUTION, map_size=GRID, normalization="probability", text_tokens="clip",
                   view_words=True, seed=5)
     inputs.update(changes)

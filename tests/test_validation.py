@@ -81,12 +81,17 @@ def test_bad_numbers_are_refused_naming_the_input(comfy_inprocess, value, messag
 def test_sockets_take_real_values_and_refuse_others(comfy_inprocess, tiny_models, rig):
     from compose3d.kernels.field import config_for_device
     from compose3d.kernels.nerf import NeRF
+    from compose3d.kernels.part_field import PartField
+    from compose3d.kernels.part_maps import PartMaps
 
     model, clip, vae = load_mvdream(str(tiny_models.path("checkpoints", tiny_models.mvdream_checkpoint)))
     with torch.inference_mode():
         conditioning = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
+    nerf = NeRF.create(config_for_device("cpu"), device=torch.device("cpu"))
+    part_maps = PartMaps(torch.rand(2, 3, 8, 8), rig, ("a", "b", "c"), "exact")
     good = {
-        "C3D_CAMERAS": rig, "C3D_NERF": NeRF.create(config_for_device("cpu"), device=torch.device("cpu")),
+        "C3D_CAMERAS": rig, "C3D_NERF": nerf, "C3D_PART_MAPS": part_maps,
+        "C3D_PART_FIELD": PartField.on_geometry(nerf, ("a", "b")),
         "IMAGE": torch.rand(2, 8, 8, 3), "MASK": torch.rand(2, 8, 8), "CONDITIONING": conditioning,
         "CLIP": clip, "VAE": vae, "MODEL": model,
     }
@@ -104,6 +109,12 @@ def test_sockets_take_real_values_and_refuse_others(comfy_inprocess, tiny_models
     assert SOCKETS["IMAGE"].check(nan_image) == "got an image batch holding NaN or infinite values"
     assert SOCKETS["MASK"].check(torch.full((1, 4, 4), math.inf)) == "got a mask holding NaN or infinite values"
     assert SOCKETS["CONDITIONING"].check([["text", {}]]).startswith("got a list holding")
+    nan_maps = PartMaps(torch.rand(2, 3, 8, 8), rig, ("a", "b", "c"), "exact")
+    nan_maps.maps[0, 1, 2, 3] = math.nan
+    assert SOCKETS["C3D_PART_MAPS"].check(nan_maps) == "got part maps holding NaN or infinite values"
+    broken = PartMaps(torch.rand(2, 3, 8, 8), rig, ("a", "b", "c"), "exact")
+    object.__setattr__(broken, "cameras", rig[:1])  # made by another pack without the constructor's checks
+    assert SOCKETS["C3D_PART_MAPS"].check(broken) == "got part maps of 2 views with 1 cameras"
 
 
 def test_a_constant_where_a_link_belongs_names_the_socket(comfy_inprocess, rig):
