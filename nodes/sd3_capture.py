@@ -206,7 +206,11 @@ def capture_part_maps(model, clip, vae, views: torch.Tensor, cameras: Cameras, p
                       negative: str, settings: CaptureSettings, resolution: int, map_size: int, seed: int,
                       text_tokens: str = "clip", view_words: bool = True,
                       on_progress=None) -> tuple[PartMaps, AttentionRecorder]:
-    """Run the capture (see the module notes); returns the part maps and the recorder (for tests)."""
+    """Run the capture (see the module notes); returns the part maps and the recorder (for tests).
+
+    ``on_progress(done, total, preview)`` is called after every model call; ``preview`` is None, or, after the
+    last step of each group of views, an (H, K * W, 3) heat-map picture of that group's first view.
+    """
     mmdit = check_capture_model(model)
     check_views(views, cameras)
     blocks = parse_blocks(",".join(str(b) for b in settings.blocks), len(mmdit.joint_blocks))
@@ -249,23 +253,33 @@ def capture_part_maps(model, clip, vae, views: torch.Tensor, cameras: Cameras, p
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         recorder.view_index = torch.tensor(view_list, dtype=torch.long)
 
-        def step_done(info, _group=view_list):
+        total = plan.model_calls * len(groups)
+
+        def step_done(*_):
             nonlocal done
             done += 1
-            if on_progress is not None:
-                on_progress(done, plan.model_calls * len(groups))
+            if on_progress is not None and done % plan.model_calls:  # the group's last step shows its maps
+                on_progress(done, total, None)
 
         comfy.sample.sample_custom(patched, noise_all[view_list], settings.cfg, sampler, plan.sigmas, positive,
-                                   negative_cond, latent, callback=lambda *a: step_done(a), disable_pbar=True,
-                                   seed=seed)
+                                   negative_cond, latent, callback=step_done, disable_pbar=True, seed=seed)
+        if on_progress is not None:  # the maps of this group's first view, with the view under them
+            shown = part_maps_of(recorder, view_list[:1], grid, token_groups, (grid * 4, grid * 4),
+                                 settings.normalization)
+            on_progress(done, total, heat_map_preview(shown, views[view_list[:1], ..., :3])[0])
     recorder.view_index = None
-    token_maps = token_grid(recorder.accumulator.mean().cpu(), grid, grid)  # (V, T, g, g)
-    size = (map_size, map_size)
-    if settings.normalization == "probability":
-        maps = probability_part_maps(token_maps, token_groups, size)
-    else:
-        maps = official_part_maps(token_maps, token_groups, size)
+    maps = part_maps_of(recorder, list(range(len(cameras))), grid, token_groups, (map_size, map_size),
+                        settings.normalization)
     return PartMaps(maps.float().contiguous(), cameras, tuple(parts), settings.normalization), recorder
+
+
+def part_maps_of(recorder: AttentionRecorder, view_list: list[int], grid: int, token_groups: list[list[int]],
+                 size: tuple[int, int], normalization: str) -> torch.Tensor:
+    """(len(view_list), K, H, W) part maps of the views from what the recorder has accumulated so far."""
+    token_maps = token_grid(recorder.accumulator.mean()[view_list].cpu(), grid, grid)  # (v, T, g, g)
+    if normalization == "probability":
+        return probability_part_maps(token_maps, token_groups, size)
+    return official_part_maps(token_maps, token_groups, size)
 
 
 class SD3AttentionCapture(Compose3DNode):
@@ -343,9 +357,9 @@ class SD3AttentionCapture(Compose3DNode):
                                    cfg=cfg, normalization=normalization)
         progress = Progress(1)
 
-        def on_progress(done, total):
+        def on_progress(done, total, preview):
             progress.total = total
-            progress.update(done)
+            progress.update(done, preview)
 
         maps, _ = capture_part_maps(model, clip, vae, views, cameras, prompt, phrases, negative, settings,
                                     resolution, map_size, seed, text_tokens, view_words, on_progress)
