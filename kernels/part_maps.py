@@ -14,6 +14,10 @@ and part. Two readings are offered:
 Maps gathered during sampling arrive per image token; :class:`MapAccumulator` adds them up on the fly so only
 (views x image tokens x kept tokens) numbers are ever held.
 
+DreamBeast's attention modulation during SDS (mechanism 3) turns part maps back into additive logit biases:
+:func:`cross_attention_bias` (part tokens towards their regions) and :func:`self_attention_bias` (tokens
+towards same-part tokens of every view, through :func:`part_affinity`).
+
 >>> token_maps = torch.zeros(1, 2, 2, 2); token_maps[0, 0, 0, 0] = 1.0; token_maps[0, 1, 1, 1] = 3.0
 >>> official_part_maps(token_maps, [[0, 1]], (2, 2))[0, 0]  # each token min-maxed, then their mean
 tensor([[1., 0.],
@@ -180,3 +184,73 @@ def colored_preview(maps: Tensor) -> Tensor:
     colors = part_colors(maps.shape[1]).to(m)
     mix = torch.einsum("vkhw,kc->vhwc", m, colors) / m.sum(dim=1).clamp_min(1e-6)[..., None]
     return (mix * m.amax(dim=1)[..., None]).clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------- attention modulation
+
+#: DreamBeast's guard inside its logarithms and square roots.
+LOG_EPS = 1e-9
+#: DreamBeast damps affinities below their mean by this factor.
+AFFINITY_DAMPING = 10.0
+
+
+def cross_attention_bias(maps: Tensor, size: tuple[int, int], token_groups: list[list[int]], context_length: int,
+                         strength: float) -> Tensor:
+    """DreamBeast's cross-attention modulation: (V, K, H, W) part maps -> (V, h * w, L) additive logit bias.
+
+    Each part's map is resized (bilinear) to the attention resolution ``size`` = (h, w), divided by its mean over
+    all V views and pixels, and ``strength * log(m / mean m + eps)`` is added to the logits of every query pixel
+    (row-major) towards each of the part's text tokens ``token_groups[k]`` (columns of the L context tokens);
+    other columns get 0. A token of two parts gets both terms. Shared by every head and every layer of one
+    resolution; DreamBeast's strength is 0.6.
+    """
+    v, k = maps.shape[:2]
+    if len(token_groups) != k:
+        raise ValueError(f"token_groups: {len(token_groups)} token groups for {k} parts")
+    m = resize_maps(maps.float(), size).reshape(v, k, -1)  # (V, K, h*w)
+    bias = m.new_zeros(v, m.shape[-1], context_length)
+    for part, columns in enumerate(token_groups):
+        mk = m[:, part]
+        term = strength * torch.log(mk / mk.mean().clamp_min(torch.finfo(mk.dtype).tiny) + LOG_EPS)
+        for column in columns:
+            bias[:, :, column] += term
+    return bias
+
+
+def part_affinity(part_map: Tensor) -> Tensor:
+    """One part's affinity between all views' tokens, DreamBeast's way: (N,) map over every view's pixels ->
+    (N, N).
+
+    ``m`` is normalised to mean 1 and its inverse ``(max - m) / (max - min)`` is divided by the same mean;
+    ``A = m m^T`` and ``I = inv inv^T`` each have their entries below their own mean divided by 10, and the
+    affinity is ``(sqrt(A + eps) + sqrt(I + eps)) / 2``: high between tokens that are both in the part or both
+    out of it. (A constant map has no inverse: its inverse is taken as 0.)
+    """
+    m = part_map.float()
+    mean = m.mean().clamp_min(torch.finfo(m.dtype).tiny)
+    span = m.max() - m.min()
+    inverse = (m.max() - m) / span if span > 0 else torch.zeros_like(m)
+    m, inverse = m / mean, inverse / mean
+
+    def damped(outer: Tensor) -> Tensor:
+        return torch.where(outer < outer.mean(), outer / AFFINITY_DAMPING, outer)
+
+    a = torch.sqrt(damped(torch.outer(m, m)) + LOG_EPS)
+    a += torch.sqrt(damped(torch.outer(inverse, inverse)) + LOG_EPS)
+    return a / 2
+
+
+def self_attention_bias(maps: Tensor, size: tuple[int, int], strength: float) -> Tensor:
+    """DreamBeast's multi-view self-attention modulation: (V, K, H, W) -> (V * h * w, V * h * w) logit bias.
+
+    Over the joint sequence of the V views' tokens (views in order, each row-major at the attention resolution
+    ``size``, as MVDream folds them), ``strength * sum_k log(A_k + eps)`` with ``A_k`` :func:`part_affinity` of
+    part k: tokens attend more to tokens of the same part, in every view. One (V h w)^2 matrix shared by every
+    head and layer of one resolution; DreamBeast's strength is 1.2.
+    """
+    v, k = maps.shape[:2]
+    m = resize_maps(maps.float(), size).permute(1, 0, 2, 3).reshape(k, -1)  # (K, V*h*w), views in order
+    bias = m.new_zeros(m.shape[1], m.shape[1])
+    for part in range(k):
+        bias += torch.log(part_affinity(m[part]) + LOG_EPS)
+    return strength * bias
