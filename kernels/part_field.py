@@ -10,7 +10,7 @@ MSE between rendered and given maps at random pixels of the views.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -107,7 +107,6 @@ class PartField:
 
     model: NeRF
     parts: tuple[str, ...]
-    training: dict = dc_field(default_factory=dict)
 
     @classmethod
     def on_geometry(cls, nerf: NeRF, parts: tuple[str, ...], config: PartFieldConfig = PartFieldConfig(),
@@ -140,7 +139,7 @@ class PartField:
         return moved
 
     def __repr__(self) -> str:
-        return f"PartField(parts={list(self.parts)}, steps_trained={int(self.training.get('steps', 0))})"
+        return f"PartField(parts={list(self.parts)}, steps_trained={self.model.steps_trained})"
 
 
 @dataclass(frozen=True)
@@ -176,14 +175,14 @@ def fit_part_field(part_field: PartField, maps: PartMaps, settings: PartFitSetti
     pixels = PosedPixels(origins.reshape(-1, 3), directions.reshape(-1, 3),
                          targets.reshape(-1, targets.shape[-1]), None)
     optimizer = make_optimizer(part_field.field.trainable_groups(settings.lr))
-    start = int(part_field.training.get("steps", 0))
+    start = part_field.model.steps_trained
     state = TrainingState(optimizer, torch.Generator().manual_seed(settings.seed + start), start)
 
     def step_fn(step: Step) -> PhotometricLoss:
         return photometric_step(part_field.model, pixels, step, settings.rays_per_step, 0.0, skip_empty=True)
 
     def finished(done: StepDone[PhotometricLoss]) -> None:
-        part_field.training = {"steps": done.step}
+        part_field.model.training = {"steps": done.step}
         if on_step is not None:
             on_step(done)
 

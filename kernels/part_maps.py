@@ -105,14 +105,18 @@ def token_grid(maps: Tensor, height: int, width: int) -> Tensor:
     return maps.transpose(1, 2).reshape(v, tokens, height, width)
 
 
+def group_means(token_maps: Tensor, groups: list[list[int]]) -> Tensor:
+    """(V, T, ...) per token -> (V, K, ...): part k is the mean of its tokens ``groups[k]`` (indices into T)."""
+    return torch.stack([token_maps[:, g].mean(dim=1) for g in groups], dim=1)
+
+
 def probability_part_maps(token_maps: Tensor, groups: list[list[int]], size: tuple[int, int]) -> Tensor:
     """Mean attention probabilities per part: (V, T, h, w) per kept token -> (V, K, H, W).
 
     ``groups[k]`` lists the indices (into T) of part k's tokens; a part's map is the mean of its tokens' maps,
     resized bilinearly to ``size``.
     """
-    parts = torch.stack([token_maps[:, g].mean(dim=1) for g in groups], dim=1)
-    return resize_maps(parts, size)
+    return resize_maps(group_means(token_maps, groups), size)
 
 
 def official_part_maps(token_scores: Tensor, groups: list[list[int]], size: tuple[int, int],
@@ -123,8 +127,7 @@ def official_part_maps(token_scores: Tensor, groups: list[list[int]], size: tupl
     min-max per view and part.
     """
     up = minmax(resize_maps(token_scores, size), dims=(2, 3)) ** power
-    parts = torch.stack([up[:, g].mean(dim=1) for g in groups], dim=1)
-    return minmax(parts, dims=(2, 3))
+    return minmax(group_means(up, groups), dims=(2, 3))
 
 
 class MapAccumulator:

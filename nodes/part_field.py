@@ -17,11 +17,6 @@ PREVIEW_SIZE = 96
 PART_NAMES = PhraseWording("parts", "part names", "'head, body'", "part maps")
 
 
-def check_maps_and_cameras(part_maps) -> None:
-    if len(part_maps.cameras) != part_maps.views:
-        raise ValueError(f"part_maps: {part_maps.views} views but {len(part_maps.cameras)} cameras")
-
-
 class PartAffinityNeRF(Compose3DNode):
     """Trains a part-affinity field (DreamBeast) on part maps, on the geometry of a NeRF."""
 
@@ -57,7 +52,6 @@ class PartAffinityNeRF(Compose3DNode):
     @classmethod
     def execute(cls, part_maps, nerf, steps, rays_per_step, train_size, learning_rate, normalize,
                 seed) -> io.NodeOutput:
-        check_maps_and_cameras(part_maps)
         device = compute_device()
         progress = Progress(steps)
         preview_every = max(25, steps // 10)

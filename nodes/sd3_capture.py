@@ -14,6 +14,7 @@ The MODEL passed in is never changed: the hooks live on a clone's options, their
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ from .types import CATEGORY, CamerasType, PartMapsType
 from .validation import Compose3DNode
 
 PARTS = PhraseWording("parts", "part phrases", "'head, wings, tail'", "the attention capture")
-NORMALIZATIONS = {"official": "official", "probability": "probability"}
+NORMALIZATIONS = ("official", "probability")
 TEXT_TOKENS = {"clip": ("l", "g"), "clip and t5": ("l", "g", "t5xxl")}
 #: SD3's latents are 1/8 of the image and its patches 2x2 latents: one image token per 16x16 pixels.
 PIXELS_PER_TOKEN = 16
@@ -173,6 +174,11 @@ def parse_blocks(text: str, depth: int) -> tuple[int, ...]:
                          f"'10, 11'") from None
     if not blocks:
         raise ValueError("blocks: empty; name at least one joint-attention block, e.g. '11'")
+    return check_blocks(blocks, depth)
+
+
+def check_blocks(blocks, depth: int) -> tuple[int, ...]:
+    """Sorted distinct block indices, each in [0, depth), or a ValueError naming ``blocks``."""
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:
         raise ValueError(f"blocks: {bad} not among this model's {depth} joint blocks (0 to {depth - 1})")
@@ -213,8 +219,7 @@ def capture_part_maps(model, clip, vae, views: torch.Tensor, cameras: Cameras, p
     """
     mmdit = check_capture_model(model)
     check_views(views, cameras)
-    blocks = parse_blocks(",".join(str(b) for b in settings.blocks), len(mmdit.joint_blocks))
-    settings = CaptureSettings(**{**settings.__dict__, "blocks": blocks})
+    settings = dataclasses.replace(settings, blocks=check_blocks(settings.blocks, len(mmdit.joint_blocks)))
     base = locate_phrases(clip, prompt, parts, PARTS)  # errors name the typed prompt's words
     prompts = view_prompts(prompt, cameras, view_words)
     groups: dict[str, list[int]] = {}
@@ -235,33 +240,30 @@ def capture_part_maps(model, clip, vae, views: torch.Tensor, cameras: Cameras, p
     device = comfy.model_management.get_torch_device()
     recorder = AttentionRecorder(settings, kept, len(cameras), grid * grid, model_sampling.timestep, device)
     patched = model.clone()
-    patched.model_options = patch_mmdit_attention(model.model_options, list(blocks), recorder.handle)
+    patched.model_options = patch_mmdit_attention(model.model_options, list(settings.blocks), recorder.handle)
     sampler = comfy.samplers.KSAMPLER(anchored_euler, extra_options={"plan": plan})
     negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
 
     pixels = resize_maps(views[..., :3].float().permute(0, 3, 1, 2), (resolution, resolution))
     pixels = pixels.clamp(0, 1).permute(0, 2, 3, 1)
     generator = torch.Generator().manual_seed(seed)
-    noise_all = None
-    done = 0
+    noise = None  # (V, C, h, w): one fixed noise per view, drawn once the latent shape is known
+    done, total = 0, plan.model_calls * len(groups)
+
+    def step_done(*_):
+        nonlocal done
+        done += 1
+        if on_progress is not None and done % plan.model_calls:  # a group's last step shows its maps
+            on_progress(done, total, None)
+
     for text, view_list in groups.items():
         check_interrupt()
-        latent = vae.encode(pixels[view_list])
-        latent = comfy.sample.fix_empty_latent_channels(patched, latent)
-        if noise_all is None:
-            noise_all = torch.randn((len(cameras),) + tuple(latent.shape[1:]), generator=generator)
+        latent = comfy.sample.fix_empty_latent_channels(patched, vae.encode(pixels[view_list]))
+        if noise is None:
+            noise = torch.randn((len(cameras),) + tuple(latent.shape[1:]), generator=generator)
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         recorder.view_index = torch.tensor(view_list, dtype=torch.long)
-
-        total = plan.model_calls * len(groups)
-
-        def step_done(*_):
-            nonlocal done
-            done += 1
-            if on_progress is not None and done % plan.model_calls:  # the group's last step shows its maps
-                on_progress(done, total, None)
-
-        comfy.sample.sample_custom(patched, noise_all[view_list], settings.cfg, sampler, plan.sigmas, positive,
+        comfy.sample.sample_custom(patched, noise[view_list], settings.cfg, sampler, plan.sigmas, positive,
                                    negative_cond, latent, callback=step_done, disable_pbar=True, seed=seed)
         if on_progress is not None:  # the maps of this group's first view, with the view under them
             shown = part_maps_of(recorder, view_list[:1], grid, token_groups, (grid * 4, grid * 4),
@@ -342,7 +344,7 @@ class SD3AttentionCapture(Compose3DNode):
     def execute(cls, model, clip, vae, views, cameras, prompt, parts, negative, blocks, t_low, t_high,
                 sdedit_timestep, steps, cfg, resolution, map_size, normalization, text_tokens, view_words,
                 seed) -> io.NodeOutput:
-        check_capture_model(model)
+        depth = len(check_capture_model(model).joint_blocks)
         for name, t in (("t_low", t_low), ("t_high", t_high)):
             if not 0.0 < t < 1000.0:
                 raise ValueError(f"{name}: {t:g} is outside (0, 1000); SD3 timesteps run from 1000 (noise) to 0")
@@ -351,8 +353,7 @@ class SD3AttentionCapture(Compose3DNode):
         phrases = parse_phrases(parts, PARTS)
         if not phrases:
             raise ValueError(f"parts: no part phrases; give at least one, e.g. {PARTS.example}")
-        check_views(views, cameras)
-        settings = CaptureSettings(blocks=parse_blocks(blocks, len(check_capture_model(model).joint_blocks)),
+        settings = CaptureSettings(blocks=parse_blocks(blocks, depth),
                                    t_low=t_low, t_high=t_high, sdedit_timestep=sdedit_timestep, steps=steps,
                                    cfg=cfg, normalization=normalization)
         progress = Progress(1)
