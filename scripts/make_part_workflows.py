@@ -3,7 +3,7 @@
 compose3d_part_affinity.json (DreamBeast, part 1): test-object views and a NeRF of them -> SD3 Attention Capture
 (part maps of the views) -> Part-Affinity NeRF on the NeRF's geometry -> Render Part Maps for new views.
 
-    python scripts/make_part_workflows.py
+    python scripts/make_part_workflows.py [--no-thumbnail]   (the thumbnail trains two fields: ~4 min on a CPU)
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def part_affinity() -> None:
                   outputs=[("cameras", "C3D_CAMERAS")], title="Views (8 around)")
     views = w.node("Compose3D_TestObjectViews", (40, 310), (300, 130), [256, 256, "white"],
                    [("cameras", "C3D_CAMERAS", (ring, 0), False)], [("images", "IMAGE"), ("masks", "MASK")])
-    nerf = w.node("Compose3D_NeRFFromViews", (40, 490), (300, 300), schema_widgets(NeRFFromViews, steps=500),
+    nerf = w.node("Compose3D_NeRFFromViews", (40, 850), (300, 300), schema_widgets(NeRFFromViews, steps=500),
                   [("images", "IMAGE", (views, 0), False), ("cameras", "C3D_CAMERAS", (ring, 0), False),
                    ("masks", "MASK", (views, 1), False), ("nerf", "C3D_NERF", None, False)],
                   [("nerf", "C3D_NERF")])
@@ -45,22 +45,22 @@ def part_affinity() -> None:
                       ("vae", "VAE", (loader, 2), False), ("views", "IMAGE", (views, 0), False),
                       ("cameras", "C3D_CAMERAS", (ring, 0), False)],
                      [("part_maps", "C3D_PART_MAPS"), ("preview", "IMAGE")])
-    w.node("PreviewImage", (380, 900), (340, 300), [], [("images", "IMAGE", (capture, 1), False)],
+    w.node("PreviewImage", (760, 60), (320, 300), [], [("images", "IMAGE", (capture, 1), False)],
            title="Captured part maps")
-    field = w.node("Compose3D_PartAffinityNeRF", (760, 60), (320, 260), schema_widgets(PartAffinityNeRF),
+    field = w.node("Compose3D_PartAffinityNeRF", (760, 660), (320, 260), schema_widgets(PartAffinityNeRF),
                    [("part_maps", "C3D_PART_MAPS", (capture, 0), False), ("nerf", "C3D_NERF", (nerf, 0), False)],
                    [("part_field", "C3D_PART_FIELD")])
-    new_views = w.node("Compose3D_OrbitCameras", (760, 370), (320, 200), [4, 30, 45, 360, 2.5, 40],
+    new_views = w.node("Compose3D_OrbitCameras", (760, 410), (320, 200), [4, 30, 45, 360, 2.5, 40],
                        outputs=[("cameras", "C3D_CAMERAS")], title="New views")
-    render = w.node("Compose3D_RenderPartMaps", (760, 620), (320, 130), [256, 0],
+    render = w.node("Compose3D_RenderPartMaps", (1120, 60), (320, 130), [256, 0],
                     [("part_field", "C3D_PART_FIELD", (field, 0), False),
                      ("cameras", "C3D_CAMERAS", (new_views, 0), False)],
                     [("part_maps", "C3D_PART_MAPS"), ("preview", "IMAGE"), ("heat_maps", "IMAGE")])
-    w.node("PreviewImage", (1120, 60), (360, 360), [], [("images", "IMAGE", (render, 1), False)],
+    w.node("PreviewImage", (1120, 240), (360, 360), [], [("images", "IMAGE", (render, 1), False)],
            title="Parts seen from new views")
-    w.node("PreviewImage", (1120, 470), (360, 300), [], [("images", "IMAGE", (render, 2), False)],
+    w.node("PreviewImage", (1120, 650), (360, 300), [], [("images", "IMAGE", (render, 2), False)],
            title="Part heat maps")
-    w.node("Note", (40, 840), (300, 330), ["DreamBeast's part knowledge, made 3D. SD3 reads each view of the object "
+    w.node("Note", (40, 490), (300, 330), ["DreamBeast's part knowledge, made 3D. SD3 reads each view of the object "
            "with the prompt plus a view word and its attention to each part phrase ('head, body, base') becomes a "
            "part map per view (block 11, timesteps 100-450, as DreamBeast). The Part-Affinity NeRF learns those "
            "parts on the NeRF's geometry, so Render Part Maps gives them for any camera. Needs an SD3 checkpoint "
@@ -100,4 +100,5 @@ def thumbnail() -> None:
 
 if __name__ == "__main__":
     part_affinity()
-    thumbnail()
+    if "--no-thumbnail" not in sys.argv:
+        thumbnail()
