@@ -15,6 +15,7 @@ Layout follows ComfyUI's attention functions: heads are packed in the channel di
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_shape
@@ -77,6 +78,42 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, logit_bias: Tensor | 
     if keep is None:
         return out, None
     return out, torch.cat(kept, dim=1) if len(kept) > 1 else kept[0]
+
+
+def biased_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, logit_bias: Tensor,
+                     chunk_logits: int | None = None) -> Tensor:
+    """``softmax(q k^T / sqrt(D) + logit_bias) v`` per head through PyTorch's fused attention
+    (``scaled_dot_product_attention`` with a float mask): the same result as :func:`attention` without its
+    probabilities, several times faster, and no (B, H, Lq, Lk) matrix where a fused kernel runs.
+
+    Args:
+        q: (B, Lq, H * D); k: (B, Lk, H * D); v: (B, Lk, H * Dv).
+        logit_bias: broadcastable to (B, H, Lq, Lk), e.g. (B, 1, Lq, Lk) shared by the heads.
+        chunk_logits: queries are processed in chunks of at most this many logits (default :data:`CHUNK_LOGITS`),
+            which bounds memory where PyTorch falls back to its unfused maths.
+
+    Returns:
+        (B, Lq, H * Dv) in the dtype of q (the bias is cast to it).
+    """
+    sizes = check_shape("q", q, ("B", "Lq", "C"))
+    check_shape("k", k, ("B", "Lk", "C"), sizes=sizes)
+    check_shape("v", v, ("B", "Lk", "Cv"), sizes=sizes)
+    b, lq, lk, channels = sizes["B"], sizes["Lq"], sizes["Lk"], sizes["C"]
+    if channels % heads or sizes["Cv"] % heads:
+        raise ValueError(f"heads: {heads} heads do not divide the {channels} query/key channels and {sizes['Cv']} "
+                         f"value channels")
+    qh = q.reshape(b, lq, heads, -1).transpose(1, 2)  # (B, H, Lq, D)
+    kh = k.reshape(b, lk, heads, -1).transpose(1, 2)
+    vh = v.reshape(b, lk, heads, -1).transpose(1, 2)
+    bias = logit_bias.to(q.dtype)
+    while bias.ndim < 4:
+        bias = bias[None]
+    rows = max(1, (chunk_logits or CHUNK_LOGITS) // (b * heads * lk))
+    outs = [F.scaled_dot_product_attention(qh[:, :, start:start + rows], kh, vh,
+                                           attn_mask=_rows(bias, start, min(start + rows, lq), lq))
+            for start in range(0, lq, rows)]
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out.transpose(1, 2).reshape(b, lq, -1)
 
 
 def _rows(bias: Tensor, start: int, stop: int, lq: int) -> Tensor:

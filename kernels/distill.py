@@ -244,7 +244,10 @@ class StepResult:
 
 @dataclass
 class SDSRun:
-    """A run's fixed pieces: the NeRF being trained, its settings, the model callables and references."""
+    """A run's fixed pieces: the NeRF being trained, its settings, the model callables and references.
+
+    ``before_predict(step, cameras, latent size)``, when given, runs before each step's prediction (the part
+    modulation renders the step's part maps there)."""
 
     nerf: NeRF
     settings: SDSSettings
@@ -255,6 +258,7 @@ class SDSRun:
     references: References | None = None
     timer: PhaseTimer | None = None
     skip_empty: Callable[[int], bool] = lambda step: True
+    before_predict: Callable[[int, Cameras, tuple[int, int]], None] | None = None
     _pixels: PosedPixels | None = dc_field(default=None, repr=False)
 
     def __post_init__(self):
@@ -302,6 +306,9 @@ def sds_step(run: SDSRun, step: Step) -> StepResult:
         latents = run.encode(images, gen)
     noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(latents.device)
     step.check_interrupt()
+    if run.before_predict is not None:
+        with run.timer.phase("part maps"):
+            run.before_predict(step.index, cameras, tuple(latents.shape[-2:]))
     with run.timer.phase("unet"), torch.no_grad():
         x_noisy = noised(latents.detach(), noise, sigma)
         x0_cfg, x0_cond = run.predict(x_noisy, sigma, cameras.mvdream, s.cameras.views)
@@ -408,6 +415,7 @@ class SDSReport:
     memory_kind: str = ""
     checkpoints: list[str] = dc_field(default_factory=list)
     interrupted: bool = False
+    modulated_steps: int = 0
 
     def text(self) -> str:
         per = self.seconds / max(self.steps, 1)
@@ -422,6 +430,8 @@ class SDSReport:
             if finite:
                 tail = finite[-min(len(finite), 50):]
                 lines.append(f"{name}: first {finite[0]:.4g}, last-50 mean {sum(tail) / len(tail):.4g}")
+        if self.modulated_steps:
+            lines.append(f"part modulation: {self.modulated_steps} steps")
         if self.checkpoints:
             lines.append(f"checkpoint: {self.checkpoints[-1]}")
         if self.interrupted:

@@ -30,6 +30,9 @@ from comfy_api.latest import io
 
 from ..kernels.background import LearnedBackground
 from ..kernels.cameras import orbit_cameras
+from ..kernels.part_field import PartField, render_part_maps
+from ..kernels.part_maps import colored_preview
+from ..kernels.part_modulation import DREAMBEAST_MODULATION_START, DREAMBEAST_STEPS, ModulationSettings
 from ..kernels.distill import (BACKGROUND_KINDS, LOSSES, PhaseTimer, References, SDSReport, SDSRun, SDSSettings,
                                StepResult, json_ready, make_background, sds_step, sds_start)
 from ..kernels.field import FieldConfig, config_for_device
@@ -42,8 +45,10 @@ from ..kernels.reconstruct import nerf_param_groups
 from .common import Progress, check_interrupt, compute_device
 from .mvdream_model import MVDreamModel
 from .nerf import check_views, preview_render
+from .part_modulation import PartModulator
+from .tokens import PhraseWording, resolve_phrases
 from .training import encode_with_grad
-from .types import CAMERA_KEY, CATEGORY, SDS_REPORT_KEY, VIEWS_KEY, CamerasType, NeRFType
+from .types import CAMERA_KEY, CATEGORY, SDS_REPORT_KEY, VIEWS_KEY, CamerasType, NeRFType, PartFieldType
 from .validation import Compose3DNode, InputError, file_name_input
 
 log = logging.getLogger("compose3d.sds")
@@ -52,6 +57,7 @@ CHECKPOINT_FORMAT = "compose3d.sds_checkpoint/1"
 VIEWS_PER_OBJECT = 4  # MVDream's models are trained on 4 views of one object
 PREVIEW_SIZE = 128
 LEARNED_KINDS = ("learned", "random")  # backgrounds that train a LearnedBackground (see make_background)
+PARTS = PhraseWording("parts", "part phrases", "'head, wings, tail'", "the part modulation")
 
 
 def preview_cameras():
@@ -107,6 +113,66 @@ def check_references(images, cameras, masks, background: str) -> bool:
     return True
 
 
+def step_slice(steps: int, start_at_step: int, end_at_step: int) -> tuple[int, int]:
+    """The steps ``[start, end)`` this node runs of a ``steps``-step schedule (``end_at_step`` past the end means
+    the end), as KSampler (Advanced) does; raise InputError when that leaves none."""
+    end = min(end_at_step, steps)
+    if start_at_step >= end:
+        raise InputError(f"start_at_step: {start_at_step} leaves no steps to run (the schedule has {steps} steps and "
+                         f"this node stops at step {end}); lower it, or raise steps / end_at_step")
+    return start_at_step, end
+
+
+@dataclass(frozen=True)
+class Modulation:
+    """The checked part-modulation inputs: the part field, each part's token columns and the settings."""
+
+    part_field: PartField
+    parts: list[str]
+    token_groups: list[list[int]]
+    settings: ModulationSettings
+
+    def config(self) -> dict:
+        """JSON-able, for checkpoints (a resume must use the same part field and settings)."""
+        return {"parts": self.parts, "tokens": self.token_groups,
+                "settings": json_ready(vars(self.settings).copy()),
+                "digest": tensor_digest(*(p for p in self.part_field.field.parameters()))}
+
+
+def check_modulation(part_field, clip, prompt: str, parts: str, settings: ModulationSettings, steps: int,
+                     run: tuple[int, int]) -> Modulation | None:
+    """Raise InputError on inconsistent part-modulation inputs; the checked modulation, or None when it is off."""
+    blank = not parts.strip()
+    if part_field is None:
+        if not blank:
+            raise InputError("part_field: missing; part phrases modulate the attention with a part field (from "
+                             "Part-Affinity NeRF). Connect one, or clear 'parts'")
+        return None
+    if blank:
+        raise InputError(f"parts: empty; with a part field give its parts' phrases as they appear in the prompt, "
+                         f"in the field's order (this field's parts: {', '.join(part_field.parts)})")
+    if clip is None:
+        raise InputError("clip: missing; the part modulation needs the CLIP that encoded the prompt, to find the "
+                         "part phrases' tokens")
+    try:
+        found = resolve_phrases(clip, prompt, parts, PARTS)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if len(found.phrases) != len(part_field.parts):
+        raise InputError(f"parts: {len(found.phrases)} part phrases ({', '.join(found.phrases)}) but the part field "
+                         f"has {len(part_field.parts)} parts ({', '.join(part_field.parts)}); give one phrase per "
+                         f"part, in the field's order")
+    first, stop = settings.window(steps)
+    if stop <= run[0] or first >= run[1]:
+        raise InputError(f"modulation_start: the modulation window (steps {first}-{stop} of {steps}) lies outside "
+                         f"the steps this node runs ({run[0]}-{run[1]}); move the window or the run's steps")
+    try:
+        columns = found.context_columns()
+    except ValueError as e:
+        raise InputError(f"clip: {e}") from None
+    return Modulation(part_field, found.phrases, columns, settings)
+
+
 def ranges(low: float, high: float, name: str) -> tuple[float, float]:
     if low > high:
         raise InputError(f"{name}_min: {low:g} is above {name}_max {high:g}")
@@ -153,6 +219,13 @@ class SDSLoopSampler(comfy.samplers.Sampler):
                disable_pbar=False):
         self.body(model_wrap, extra_args["model_options"])
         return latent_image
+
+
+def part_preview(part_field: PartField, camera, size: int = PREVIEW_SIZE) -> torch.Tensor:
+    """(size, size, 3) the part field seen by ``camera``, each part in its colour (next to the RGB preview)."""
+    with torch.no_grad():
+        maps = render_part_maps(part_field, camera, size, size)
+    return colored_preview(maps.maps)[0].to(torch.float32).cpu()
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -217,6 +290,13 @@ class RunInputs:
     checkpoint_prefix: str
     resume: tuple[dict, dict] | None
     config: dict
+    start: int = 0
+    end: int | None = None  # None: settings.steps
+    modulation: Modulation | None = None
+
+    @property
+    def stop(self) -> int:
+        return self.settings.steps if self.end is None else self.end
 
 
 def optimise(model, vae, positive, negative, nerf: NeRF, run_in: RunInputs, progress: Progress) -> SDSReport:
@@ -234,7 +314,7 @@ def optimise(model, vae, positive, negative, nerf: NeRF, run_in: RunInputs, prog
         set_learning_rates(optimizer, groups)
         for g in optimizer.param_groups:
             g["weight_decay"] = s.weight_decay
-    state = TrainingState(optimizer, torch.Generator().manual_seed(s.seed))
+    state = TrainingState(optimizer, torch.Generator().manual_seed(s.seed + run_in.start), run_in.start)
     steps_before = nerf.steps_trained
     if run_in.resume is not None:
         tensors, meta = run_in.resume
@@ -245,8 +325,12 @@ def optimise(model, vae, positive, negative, nerf: NeRF, run_in: RunInputs, prog
     schedule = OccupancySchedule(16, 0 if steps_before > 0 else 64)
     occupancy = OccupancyUpdates(nerf.occupancy, nerf.field.density, nerf.occupancy_threshold(), schedule)
     prefix = run_in.checkpoint_prefix
-    preview_every = max(10, s.steps // 40)
+    preview_every = max(10, (run_in.stop - run_in.start) // 40)
     previews = preview_cameras()
+    modulator = None
+    if run_in.modulation is not None:
+        m = run_in.modulation
+        modulator = PartModulator(m.part_field.to(device), m.token_groups, m.settings, s.steps, s.cameras.views)
 
     def save(step: int) -> None:
         tensors, state_meta = checkpoint_tensors(nerf, state)
@@ -260,6 +344,8 @@ def optimise(model, vae, positive, negative, nerf: NeRF, run_in: RunInputs, prog
         report.checkpoints.append(relative)
 
     def body(guider, model_options) -> None:
+        if modulator is not None:
+            model_options = modulator.model_options(guider.inner_model.diffusion_model, model_options)
         predictor = MVDreamPredictor(guider, model_options, s.guidance)
         sampling = guider.inner_model.model_sampling
         run = SDSRun(nerf, s,
@@ -267,7 +353,8 @@ def optimise(model, vae, positive, negative, nerf: NeRF, run_in: RunInputs, prog
                      predict=predictor,
                      sigma_of=lambda t: float(sampling.sigma(torch.tensor(float(t)))),
                      timesteps=int(getattr(sampling, "num_timesteps", 1000)),
-                     references=run_in.references, timer=timer, skip_empty=schedule.skips_empty)
+                     references=run_in.references, timer=timer, skip_empty=schedule.skips_empty,
+                     before_predict=None if modulator is None else modulator.prepare)
 
         def finished(done: StepDone[StepResult]) -> None:
             r = done.result
@@ -276,16 +363,19 @@ def optimise(model, vae, positive, negative, nerf: NeRF, run_in: RunInputs, prog
             if r.reference is not None:
                 report.reference_losses.append(r.reference)
             report.steps += 1
-            if run_in.checkpoint_every and done.step % run_in.checkpoint_every == 0 and done.step < s.steps:
+            if run_in.checkpoint_every and done.step % run_in.checkpoint_every == 0 and done.step < run_in.stop:
                 save(done.step)
             preview = None
-            if done.step % preview_every == 0 or done.step == s.steps:
-                preview = preview_render(nerf, previews[(done.step // preview_every) % 4], PREVIEW_SIZE)
-            progress.update(done.step, preview)
+            if done.step % preview_every == 0 or done.step == run_in.stop:
+                camera = previews[(done.step // preview_every) % 4]
+                preview = preview_render(nerf, camera, PREVIEW_SIZE)
+                if modulator is not None:
+                    preview = torch.cat([preview.cpu(), part_preview(modulator.part_field, camera)], dim=1)
+            progress.update(done.step - run_in.start, preview)
 
         nerf.field.train()
         try:
-            train(state, lambda step: sds_step(run, step), s.steps - state.step, occupancy=occupancy,
+            train(state, lambda step: sds_step(run, step), run_in.stop - state.step, occupancy=occupancy,
                   on_step=finished, check_interrupt=check_interrupt)
         finally:
             nerf.field.eval()
@@ -318,7 +408,9 @@ def optimise(model, vae, positive, negative, nerf: NeRF, run_in: RunInputs, prog
             report.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
         else:
             report.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        nerf.training = {"steps": steps_before + state.step, "optimizer": optimizer.state_dict()}
+        nerf.training = {"steps": steps_before + state.step - run_in.start, "optimizer": optimizer.state_dict()}
+        if modulator is not None:
+            report.modulated_steps = modulator.stats.steps
     if run_in.checkpoint_every:
         save(state.step)
     return report
@@ -343,8 +435,10 @@ class SDSOptimizer(Compose3DNode):
                         "for the prompt (multi-view score distillation). Defaults are MVDream's: 10,000 steps, "
                         "guidance 50, 64 px x 8 views then 256 px x 4, annealed timesteps. With reference views "
                         "(e.g. from the Refocus Sampler) it first fits them, then lets SDS refine from a lower "
-                        "noise level while their weight decays (Grounded-Dreamer's hybrid). Checkpoints go to the "
-                        "output folder; 'resume_from' continues one after a Cancel.",
+                        "noise level while their weight decays (Grounded-Dreamer's hybrid). With a part field "
+                        "(DreamBeast) the part maps rendered at each step's cameras modulate MVDream's cross- and "
+                        "self-attention inside a step window. Checkpoints go to the output folder; 'resume_from' "
+                        "continues one after a Cancel.",
             inputs=[
                 io.Model.Input("model", tooltip="An MVDream MODEL (Load MVDream Checkpoint); its patches and LoRAs "
                                                 "apply."),
@@ -415,6 +509,33 @@ class SDSOptimizer(Compose3DNode):
                        "(linear decay)."),
                 _float("warm_start_max_t", 0.5, 0.02, 0.98, 0.01, "With references: SDS timesteps never exceed "
                        "this fraction, so SDS refines the fitted views instead of repainting them."),
+                io.Int.Input("start_at_step", default=0, min=0, max=100000,
+                             tooltip="Run the schedule from this step (as KSampler Advanced): continue a NeRF "
+                                     "where an earlier SDS node stopped, with the same steps, so timesteps and "
+                                     "resolutions carry on (DreamBeast: plain to 1000, then a second node from "
+                                     "1000)."),
+                io.Int.Input("end_at_step", default=100000, min=1, max=100000,
+                             tooltip="Stop at this step of the schedule (beyond 'steps': run to the end)."),
+                PartFieldType.Input("part_field", optional=True,
+                                    tooltip="DreamBeast: a Part-Affinity NeRF. Its part maps, rendered at each "
+                                            "step's cameras, steer MVDream's attention towards the parts."),
+                io.Clip.Input("clip", optional=True, tooltip="With a part field: the CLIP that encoded the prompt "
+                                                             "(to find the part phrases' tokens)."),
+                io.String.Input("prompt", default="", multiline=True,
+                                tooltip="With a part field: the positive prompt's text, exactly as encoded (link "
+                                        "one text to both)."),
+                io.String.Input("parts", default="",
+                                tooltip="With a part field: comma-separated phrases of the prompt, one per part of "
+                                        "the field, in its order (e.g. 'head, wings, tail')."),
+                _float("cross_strength", 0.6, 0.0, 10.0, 0.05, "Cross-attention: each part's tokens gain "
+                       "strength x log(m / mean m) where the part map m is (DreamBeast: 0.6; 0 turns it off)."),
+                _float("self_strength", 1.2, 0.0, 10.0, 0.05, "Self-attention across the views: tokens gain "
+                       "strength x log(part affinity) towards tokens of the same part (DreamBeast: 1.2; 0 off)."),
+                _float("modulation_start", round(DREAMBEAST_MODULATION_START / DREAMBEAST_STEPS, 4), 0.0, 1.0,
+                       0.0001, "The modulation starts at this fraction of the steps (DreamBeast: step 3020 of "
+                       "7000)."),
+                _float("modulation_end", 1.0, 0.0, 1.0, 0.0001, "The modulation stops at this fraction of the "
+                       "steps (1: at the end)."),
             ],
             outputs=[NeRFType.Output(display_name="nerf"),
                      io.Image.Output(display_name="previews", tooltip="4 renders around the result."),
@@ -428,14 +549,24 @@ class SDSOptimizer(Compose3DNode):
                 high_from, elevation_min, elevation_max, fov_min, fov_max, distance_min, distance_max,
                 learning_rate, orientation_weight, sparsity_weight, opaque_weight, background, samples_per_ray,
                 checkpoint_every, checkpoint_prefix, resume_from, reference_fit, reference_weight_start,
-                reference_weight_end, warm_start_max_t, nerf=None, reference_images=None, reference_cameras=None,
-                reference_masks=None) -> io.NodeOutput:
+                reference_weight_end, warm_start_max_t, start_at_step=0, end_at_step=100000, prompt="", parts="",
+                cross_strength=0.6, self_strength=1.2,
+                modulation_start=DREAMBEAST_MODULATION_START / DREAMBEAST_STEPS, modulation_end=1.0, nerf=None,
+                reference_images=None, reference_cameras=None, reference_masks=None, part_field=None,
+                clip=None) -> io.NodeOutput:
         check_model(model, vae)
         check_resolutions(vae, {"low_resolution": low_resolution, "high_resolution": high_resolution})
         check_batches({"low_batch": low_batch, "high_batch": high_batch})
         if t_min_end > t_max_end:
             raise InputError(f"t_min_end: {t_min_end:g} is above t_max_end {t_max_end:g}")
         has_refs = check_references(reference_images, reference_cameras, reference_masks, background)
+        run_steps = step_slice(steps, start_at_step, end_at_step)
+        if modulation_start >= modulation_end:
+            raise InputError(f"modulation_start: {modulation_start:g} is not before modulation_end "
+                             f"{modulation_end:g}")
+        modulation = check_modulation(part_field, clip, prompt, parts,
+                                      ModulationSettings(cross_strength, self_strength, modulation_start,
+                                                         modulation_end), steps, run_steps)
         if reference_masks is not None and reference_masks.ndim == 2:
             reference_masks = reference_masks[None]
         cameras = CameraRanges(ranges(elevation_min, elevation_max, "elevation"), ranges(fov_min, fov_max, "fov"),
@@ -461,6 +592,8 @@ class SDSOptimizer(Compose3DNode):
             "digest": tensor_digest(references.images, references.cameras.c2w, references.masks),
             **json_ready({k: getattr(references, k) for k in ("fit_fraction", "weight_start", "weight_end",
                                                                "warm_max_t", "rays_per_step", "mask_weight")})}
+        config["run"] = list(run_steps)
+        config["modulation"] = None if modulation is None else modulation.config()
         config["nerf"] = None if nerf is None else {"steps_trained": nerf.steps_trained,
                                                     "digest": tensor_digest(nerf.field.encoding.table)}
         resume = read_resume(resume_from.strip(), config) if resume_from.strip() else None
@@ -478,10 +611,11 @@ class SDSOptimizer(Compose3DNode):
                     field_config = FieldConfig(**resume[1]["field"])
                 result = NeRF.create(field_config, background=make_background(background, seed),
                                      render=RenderSettings(samples_per_ray=samples_per_ray), device=device, seed=seed)
-            run_in = RunInputs(settings, references, checkpoint_every, checkpoint_prefix, resume, config)
-            progress = Progress(steps)
+            run_in = RunInputs(settings, references, checkpoint_every, checkpoint_prefix, resume, config,
+                               *run_steps, modulation)
+            progress = Progress(run_steps[1] - run_steps[0])
             if resume is not None:
-                progress.update(int(resume[1]["state"]["step"]))
+                progress.update(int(resume[1]["state"]["step"]) - run_steps[0])
             report = optimise(model, vae, positive, negative, result, run_in, progress)
         receiver = model.model_options.get(SDS_REPORT_KEY)
         if callable(receiver):

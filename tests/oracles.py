@@ -1,7 +1,10 @@
 """Independent references written from the specifications (DESIGN.md, the papers), not from the pack's code."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
 
 
 def mvdream_get_camera(views: int, elevation: float, azimuth_start: float, azimuth_span: float) -> np.ndarray:
@@ -36,3 +39,55 @@ def orbit_c2w(views: int, elevation: float, azimuth_start: float, azimuth_span: 
     mats = flip_inv @ mvdream_get_camera(views, elevation, azimuth_start, azimuth_span).reshape(-1, 4, 4)
     mats[:, :3, 3] *= distance
     return mats
+
+
+# ------------------------------------------------------------------ DreamBeast's attention modulation
+
+#: DreamBeast's guard inside logarithms and square roots.
+EPS = 1e-9
+
+
+def hand_made_maps(views: int = 4, size: int = 4) -> torch.Tensor:
+    """(V, 2, size, size): part 0 a soft blob moving across the views, part 1 its complement plus a ramp."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    maps = []
+    for v in range(views):
+        cx = 0.2 + 0.2 * v
+        blob = torch.exp(-((x - cx) ** 2 + (y - 0.5) ** 2) / 0.08)
+        maps.append(torch.stack([blob, 1.0 - blob + 0.3 * y]))
+    return torch.stack(maps).double()
+
+
+def cross_oracle(maps, groups, length, s):
+    v, k, h, w = maps.shape
+    out = torch.zeros(v, h * w, length, dtype=torch.float64)
+    for part, columns in enumerate(groups):
+        values = [float(maps[vi, part, r, c]) for vi in range(v) for r in range(h) for c in range(w)]
+        mean = sum(values) / len(values)
+        for vi in range(v):
+            for r in range(h):
+                for c in range(w):
+                    for column in columns:
+                        out[vi, r * w + c, column] += s * math.log(float(maps[vi, part, r, c]) / mean + EPS)
+    return out
+
+
+def self_oracle(maps, s):
+    v, k, h, w = maps.shape
+    n = v * h * w
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for part in range(k):
+        flat = [float(maps[vi, part, r, c]) for vi in range(v) for r in range(h) for c in range(w)]
+        mean, high, low = sum(flat) / n, max(flat), min(flat)
+        m = [x / mean for x in flat]
+        inv = [(high - x) / (high - low) / mean if high > low else 0.0 for x in flat]  # constant: no inverse
+        a = [[m[i] * m[j] for j in range(n)] for i in range(n)]
+        b = [[inv[i] * inv[j] for j in range(n)] for i in range(n)]
+        a_mean = sum(map(sum, a)) / n ** 2
+        b_mean = sum(map(sum, b)) / n ** 2
+        for i in range(n):
+            for j in range(n):
+                x = a[i][j] / 10 if a[i][j] < a_mean else a[i][j]
+                y = b[i][j] / 10 if b[i][j] < b_mean else b[i][j]
+                out[i, j] += s * math.log((math.sqrt(x + EPS) + math.sqrt(y + EPS)) / 2 + EPS)
+    return out

@@ -8,62 +8,12 @@ damp() dividing entries below the matrix's mean by 10.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from compose3d.kernels.attention import attention
 from compose3d.kernels.part_maps import cross_attention_bias, self_attention_bias
-
-EPS = 1e-9
-
-
-def hand_made_maps(views: int = 4, size: int = 4) -> torch.Tensor:
-    """(V, 2, size, size): part 0 a soft blob moving across the views, part 1 its complement plus a ramp."""
-    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    maps = []
-    for v in range(views):
-        cx = 0.2 + 0.2 * v
-        blob = torch.exp(-((x - cx) ** 2 + (y - 0.5) ** 2) / 0.08)
-        maps.append(torch.stack([blob, 1.0 - blob + 0.3 * y]))
-    return torch.stack(maps).double()
-
-
-def cross_oracle(maps, groups, length, s):
-    v, k, h, w = maps.shape
-    out = torch.zeros(v, h * w, length, dtype=torch.float64)
-    for part, columns in enumerate(groups):
-        values = [float(maps[vi, part, r, c]) for vi in range(v) for r in range(h) for c in range(w)]
-        mean = sum(values) / len(values)
-        for vi in range(v):
-            for r in range(h):
-                for c in range(w):
-                    for column in columns:
-                        out[vi, r * w + c, column] += s * math.log(float(maps[vi, part, r, c]) / mean + EPS)
-    return out
-
-
-def self_oracle(maps, s):
-    v, k, h, w = maps.shape
-    n = v * h * w
-    out = torch.zeros(n, n, dtype=torch.float64)
-    for part in range(k):
-        flat = [float(maps[vi, part, r, c]) for vi in range(v) for r in range(h) for c in range(w)]
-        mean, high, low = sum(flat) / n, max(flat), min(flat)
-        m = [x / mean for x in flat]
-        inv = [(high - x) / (high - low) / mean for x in flat]
-        a = [[m[i] * m[j] for j in range(n)] for i in range(n)]
-        b = [[inv[i] * inv[j] for j in range(n)] for i in range(n)]
-        a_mean = sum(map(sum, a)) / n ** 2
-        b_mean = sum(map(sum, b)) / n ** 2
-        for i in range(n):
-            for j in range(n):
-                x = a[i][j] / 10 if a[i][j] < a_mean else a[i][j]
-                y = b[i][j] / 10 if b[i][j] < b_mean else b[i][j]
-                out[i, j] += s * math.log((math.sqrt(x + EPS) + math.sqrt(y + EPS)) / 2 + EPS)
-    return out
-
+from oracles import cross_oracle, hand_made_maps, self_oracle
 
 @pytest.mark.parametrize("size", [2, 4, 6])
 def test_the_cross_attention_bias_is_the_formula_at_every_resolution(size):

@@ -28,7 +28,9 @@ SMALL = dict(seed=3, steps=4, guidance_scale=7.5, loss="x0_reconstruction", std_
              fov_max=60.0, distance_min=0.8, distance_max=1.0, learning_rate=0.01, orientation_weight=0.0,
              sparsity_weight=0.0, opaque_weight=0.0, background="learned", samples_per_ray=16,
              checkpoint_every=0, checkpoint_prefix="sds_test/run", resume_from="", reference_fit=0.2,
-             reference_weight_start=1000.0, reference_weight_end=100.0, warm_start_max_t=0.5)
+             reference_weight_start=1000.0, reference_weight_end=100.0, warm_start_max_t=0.5,
+             start_at_step=0, end_at_step=100000, prompt="", parts="", cross_strength=0.6, self_strength=1.2,
+             modulation_start=0.4314, modulation_end=1.0)
 
 
 def encode(clip, text: str):

@@ -44,7 +44,9 @@ SETTINGS = dict(seed=0, steps=STEPS, guidance_scale=7.5, loss="x0_reconstruction
                 distance_max=DISTANCE * math.tan(math.radians(FOV / 2)), learning_rate=0.01,
                 orientation_weight=0.0, sparsity_weight=0.0, opaque_weight=0.0, background="white",
                 samples_per_ray=32, checkpoint_every=0, checkpoint_prefix="perfect/run", resume_from="",
-                reference_fit=0.2, reference_weight_start=1000.0, reference_weight_end=100.0, warm_start_max_t=0.5)
+                reference_fit=0.2, reference_weight_start=1000.0, reference_weight_end=100.0, warm_start_max_t=0.5,
+                start_at_step=0, end_at_step=100000, prompt="", parts="", cross_strength=0.6, self_strength=1.2,
+                modulation_start=0.4314, modulation_end=1.0)
 
 
 def distil_and_measure(folder, output_dir, convention: str) -> dict:
