@@ -5,7 +5,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from .cameras import CombineCameras, OrbitCameras, PreviewCameras
+from .cameras import CombineCameras, OrbitCameras, PreviewCameras, SDSCameras
 from .mesh import ExportMesh
 from .mvdream import MVDreamConditioning, MVDreamLoader
 from .nerf import NeRFFromViews, RenderNeRF
@@ -17,6 +17,7 @@ from .toy_object import ToyObjectViews
 
 NODES: list[type[io.ComfyNode]] = [
     OrbitCameras,
+    SDSCameras,
     CombineCameras,
     PreviewCameras,
     ToyObjectViews,

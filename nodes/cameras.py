@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 
+import torch
 from comfy_api.latest import io, ui
 
 from ..kernels.cameras import MAX_VIEWS, concat_cameras, orbit_cameras
 from ..kernels.rig_preview import draw_rig
+from ..kernels.sds import CameraRanges, sample_cameras
 from .types import CATEGORY, CamerasType
-from .validation import Compose3DNode
+from .validation import Compose3DNode, InputError
 
 
 class OrbitCameras(Compose3DNode):
@@ -46,6 +48,53 @@ class OrbitCameras(Compose3DNode):
         cameras = orbit_cameras(views=views, elevation=elevation, azimuth_start=azimuth_start,
                                 azimuth_span=azimuth_span, distance=distance, fov=fov)
         return io.NodeOutput(cameras)
+
+
+class SDSCameras(Compose3DNode):
+    """Random multi-view camera groups drawn as the SDS optimiser draws a step's cameras (MVDream's sampler)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Compose3D_SDSCameras",
+            display_name="SDS Cameras",
+            category=f"{CATEGORY}/cameras",
+            description="Groups of cameras drawn like the SDS Optimizer's steps: per group one elevation, field "
+                        "of view and distance from their ranges and 4 views 90 degrees apart from a random "
+                        "azimuth. DreamBeast renders 20 such groups (80 views) of the half-trained NeRF for SD3 "
+                        "Attention Capture.",
+            inputs=[
+                io.Int.Input("groups", default=20, min=1, max=MAX_VIEWS // 4,
+                             tooltip="Camera groups (SDS steps); DreamBeast records 20."),
+                io.Int.Input("views_per_group", default=4, min=1, max=16, tooltip="Views per group (MVDream: 4)."),
+                io.Float.Input("elevation_min", default=0.0, min=-80.0, max=80.0, step=1.0,
+                               tooltip="Elevation range in degrees (MVDream: 0-30)."),
+                io.Float.Input("elevation_max", default=30.0, min=-80.0, max=80.0, step=1.0,
+                               tooltip="Elevation range in degrees."),
+                io.Float.Input("fov_min", default=15.0, min=1.0, max=120.0, step=1.0,
+                               tooltip="Vertical field of view range in degrees (MVDream: 15-60)."),
+                io.Float.Input("fov_max", default=60.0, min=1.0, max=120.0, step=1.0,
+                               tooltip="Vertical field of view range in degrees."),
+                io.Float.Input("distance_min", default=0.8, min=0.01, max=100.0, step=0.01,
+                               tooltip="Distance range, scaled by 1/tan(fov/2) so the object keeps its size "
+                                       "(MVDream: 0.8-1.0)."),
+                io.Float.Input("distance_max", default=1.0, min=0.01, max=100.0, step=0.01,
+                               tooltip="Distance range (see distance_min)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="The draws."),
+            ],
+            outputs=[CamerasType.Output(display_name="cameras")],
+        )
+
+    @classmethod
+    def execute(cls, groups, views_per_group, elevation_min, elevation_max, fov_min, fov_max, distance_min,
+                distance_max, seed) -> io.NodeOutput:
+        for name, low, high in (("elevation", elevation_min, elevation_max), ("fov", fov_min, fov_max),
+                                ("distance", distance_min, distance_max)):
+            if low > high:
+                raise InputError(f"{name}_min: {low:g} is above {name}_max {high:g}")
+        ranges = CameraRanges((elevation_min, elevation_max), (fov_min, fov_max), (distance_min, distance_max),
+                              True, views_per_group)
+        return io.NodeOutput(sample_cameras(groups * views_per_group, ranges, torch.Generator().manual_seed(seed)))
 
 
 class CombineCameras(Compose3DNode):

@@ -36,6 +36,8 @@ from .tokens import PhraseWording, PhraseTokens, locate_phrases
 from .types import CATEGORY, CamerasType, PartMapsType
 from .validation import Compose3DNode
 
+#: Most views sampled in one batch (one view word's views run in batches of this many).
+MAX_BATCH = 4
 PARTS = PhraseWording("parts", "part phrases", "'head, wings, tail'", "the attention capture")
 NORMALIZATIONS = ("official", "probability")
 TEXT_TOKENS = {"clip": ("l", "g"), "clip and t5": ("l", "g", "t5xxl")}
@@ -215,7 +217,9 @@ def capture_part_maps(model, clip, vae, views: torch.Tensor, cameras: Cameras, p
     """Run the capture (see the module notes); returns the part maps and the recorder (for tests).
 
     ``on_progress(done, total, preview)`` is called after every model call; ``preview`` is None, or, after the
-    last step of each group of views, an (H, K * W, 3) heat-map picture of that group's first view.
+    last step of each batch of views, an (H, K * W, 3) heat-map picture of that batch's first view. Views
+    that share a view word run as batches of at most :data:`MAX_BATCH`, so many views (DreamBeast records 80)
+    need no more memory than a few.
     """
     mmdit = check_capture_model(model)
     check_views(views, cameras)
@@ -248,7 +252,9 @@ def capture_part_maps(model, clip, vae, views: torch.Tensor, cameras: Cameras, p
     pixels = pixels.clamp(0, 1).permute(0, 2, 3, 1)
     generator = torch.Generator().manual_seed(seed)
     noise = None  # (V, C, h, w): one fixed noise per view, drawn once the latent shape is known
-    done, total = 0, plan.model_calls * len(groups)
+    batches = [(text, view_list[i:i + MAX_BATCH]) for text, view_list in groups.items()
+               for i in range(0, len(view_list), MAX_BATCH)]
+    done, total = 0, plan.model_calls * len(batches)
 
     def step_done(*_):
         nonlocal done
@@ -256,7 +262,7 @@ def capture_part_maps(model, clip, vae, views: torch.Tensor, cameras: Cameras, p
         if on_progress is not None and done % plan.model_calls:  # a group's last step shows its maps
             on_progress(done, total, None)
 
-    for text, view_list in groups.items():
+    for text, view_list in batches:
         check_interrupt()
         latent = comfy.sample.fix_empty_latent_channels(patched, vae.encode(pixels[view_list]))
         if noise is None:

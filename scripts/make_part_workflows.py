@@ -68,9 +68,9 @@ def part_affinity() -> None:
     w.save(FOLDER, NAME)
 
 
-def thumbnail() -> None:
-    """A real output of the workflow's second half: a NeRF fitted to the test object's views, a part field trained
-    on the object's exact part maps (SD3 weights cannot be had here), its part maps rendered from new views."""
+def toy_part_field():
+    """(nerf, part field): a NeRF fitted to 8 views of the test object and a part field trained on the object's
+    exact part maps (SD3 weights cannot be had here). About 4 minutes on a CPU."""
     init_comfy()
     import torch
 
@@ -78,11 +78,10 @@ def thumbnail() -> None:
     from compose3d.kernels.cameras import orbit_cameras
     from compose3d.kernels.field import config_for_device
     from compose3d.kernels.nerf import NeRF
-    from compose3d.kernels.part_field import PartField, PartFitSettings, fit_part_field, render_part_maps
-    from compose3d.kernels.part_maps import PartMaps, colored_preview
+    from compose3d.kernels.part_field import PartField, PartFitSettings, fit_part_field
+    from compose3d.kernels.part_maps import PartMaps
     from compose3d.kernels.reconstruct import FitSettings, fit_views
     from compose3d.kernels.toy_object import TOY_PARTS, render_toy_object, render_toy_part_maps
-    from compose3d.nodes.common import to_pil
 
     torch.set_grad_enabled(True)
     ring = orbit_cameras(8, 15.0, distance=2.5)
@@ -93,6 +92,19 @@ def thumbnail() -> None:
     field = PartField.on_geometry(nerf, TOY_PARTS)
     fit_part_field(field, PartMaps(render_toy_part_maps(ring, 64, 64), ring, TOY_PARTS, "exact"),
                    PartFitSettings(steps=300, rays_per_step=2048))
+    return nerf, field
+
+
+def thumbnail() -> None:
+    """A real output of the workflow's second half (:func:`toy_part_field`): its part maps from new views."""
+    import torch
+
+    from compose3d.kernels.cameras import orbit_cameras
+    from compose3d.kernels.part_field import render_part_maps
+    from compose3d.kernels.part_maps import colored_preview
+    from compose3d.nodes.common import to_pil
+
+    _, field = toy_part_field()
     shown = colored_preview(render_part_maps(field, orbit_cameras(4, 30.0, 45.0, distance=2.5), 128, 128).maps)
     grid = torch.cat([torch.cat([shown[0], shown[1]], dim=1), torch.cat([shown[2], shown[3]], dim=1)], dim=0)
     to_pil(grid).save(FOLDER / NAME.replace(".json", ".jpg"), quality=90)

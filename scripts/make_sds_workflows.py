@@ -1,13 +1,17 @@
-"""Write the two SDS example workflows (UI format) into example_workflows/.
+"""Write the three SDS example workflows (UI format) into example_workflows/.
 
 - compose3d_sds_text_to_3d.json: MVDream loader -> prompts -> SDS Optimizer -> Export Mesh -> Preview3D, and a
   turntable (Orbit Cameras -> Render NeRF -> animated WEBP).
 - compose3d_grounded_dreamer.json: the refocus template's 4 views (compositional prompt, refocused DDIM) -> SDS
   Optimizer with those views and their cameras as references (Grounded-Dreamer's hybrid) -> mesh -> Preview3D.
+- compose3d_dreambeast.json: DreamBeast's whole pipeline: plain SDS to step 1000 of 7000 -> 80 views of that NeRF
+  (SDS Cameras) -> SD3 Attention Capture -> Part-Affinity NeRF -> SDS from step 1000 with part modulation from
+  3020 -> mesh -> Preview3D and a turntable; its thumbnail is the modulated run's progress preview (render | parts)
+  on the test object.
 
 The SDS Optimizer's widget values are its schema's defaults (MVDream's settings) with fixed seeds.
 
-    python scripts/make_sds_workflows.py
+    python scripts/make_sds_workflows.py [--no-thumbnail]   (the DreamBeast thumbnail trains for ~4 min on a CPU)
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def sds_widgets(**changes) -> list:
 
 SDS_INPUTS = [("model", "MODEL"), ("vae", "VAE"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
               ("nerf", "C3D_NERF"), ("reference_images", "IMAGE"), ("reference_cameras", "C3D_CAMERAS"),
-              ("reference_masks", "MASK")]
+              ("reference_masks", "MASK"), ("part_field", "C3D_PART_FIELD"), ("clip", "CLIP")]
 SDS_OUTPUTS = [("nerf", "C3D_NERF"), ("previews", "IMAGE"), ("report", "STRING")]
 LOADER_OUTPUTS = [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]
 
@@ -126,6 +130,101 @@ def grounded_dreamer() -> None:
     w.save(FOLDER, "compose3d_grounded_dreamer.json")
 
 
+DREAMBEAST_PROMPT = "a creature with an eagle head, a lion body and bat wings, 3d asset"
+DREAMBEAST_PARTS = "eagle head, lion body, bat wings"
+SD3_CHECKPOINT = "sd3_medium_incl_clips.safetensors"
+
+
+def dreambeast() -> None:
+    """DreamBeast as one graph: plain SDS to step 1000 of 7000 -> 80 views of that NeRF (20 SDS camera groups)
+    -> SD3 Attention Capture -> Part-Affinity NeRF -> SDS from step 1000 with part modulation from 3020 -> mesh."""
+    from harness.inprocess import init_comfy
+
+    init_comfy()
+    from compose3d.nodes.part_field import PartAffinityNeRF
+    from compose3d.nodes.sd3_capture import SD3AttentionCapture
+
+    w = Workflow()
+    loader = w.node("Compose3D_MVDreamLoader", (40, 80), (320, 100), ["sd-v2.1-base-4view.safetensors"],
+                    outputs=LOADER_OUTPUTS)
+    text = w.node("PrimitiveStringMultiline", (40, 230), (320, 120), [DREAMBEAST_PROMPT],
+                  outputs=[("STRING", "STRING")], title="Prompt (shared)")
+    parts = w.node("PrimitiveString", (40, 400), (320, 60), [DREAMBEAST_PARTS], outputs=[("STRING", "STRING")],
+                   title="Part phrases (shared)")
+    pos = w.node("CLIPTextEncode", (40, 510), (320, 100), [DREAMBEAST_PROMPT],
+                 [("clip", "CLIP", (loader, 1), False), ("text", "STRING", (text, 0), True)],
+                 [("CONDITIONING", "CONDITIONING")], title="Positive")
+    neg = w.node("CLIPTextEncode", (40, 660), (320, 130), [NEGATIVE], [("clip", "CLIP", (loader, 1), False)],
+                 [("CONDITIONING", "CONDITIONING")], title="Negative")
+    sources = {"model": (loader, 0), "vae": (loader, 2), "positive": (pos, 0), "negative": (neg, 0)}
+    plain = w.node("Compose3D_SDSOptimizer", (400, 80), (360, 1500),
+                   sds_widgets(steps=7000, end_at_step=1000, checkpoint_prefix="compose3d/dreambeast_plain"),
+                   [(n, t, sources.get(n), False) for n, t in SDS_INPUTS], SDS_OUTPUTS,
+                   title="SDS: plain, steps 0-1000 of 7000")
+    cams = w.node("Compose3D_SDSCameras", (800, 80), (320, 300), [20, 4, 0.0, 30.0, 15.0, 60.0, 0.8, 1.0, 0,
+                                                                  "fixed"],
+                  outputs=[("cameras", "C3D_CAMERAS")], title="80 views (20 SDS steps x 4)")
+    views = w.node("Compose3D_RenderNeRF", (800, 430), (320, 170), [512, 512, 0],
+                   [("nerf", "C3D_NERF", (plain, 0), False), ("cameras", "C3D_CAMERAS", (cams, 0), False)],
+                   [("rgb", "IMAGE"), ("normal", "IMAGE"), ("opacity", "MASK"), ("depth", "IMAGE")])
+    w.node("PreviewImage", (800, 650), (320, 320), [], [("images", "IMAGE", (views, 0), False)],
+           title="Views of the plain NeRF")
+    sd3 = w.node("CheckpointLoaderSimple", (1160, 80), (320, 100), [SD3_CHECKPOINT],
+                 outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], title="SD3 (part knowledge)")
+    capture = w.node("Compose3D_SD3AttentionCapture", (1160, 230), (340, 640),
+                     schema_widgets(SD3AttentionCapture, prompt=DREAMBEAST_PROMPT, parts=DREAMBEAST_PARTS),
+                     [("model", "MODEL", (sd3, 0), False), ("clip", "CLIP", (sd3, 1), False),
+                      ("vae", "VAE", (sd3, 2), False), ("views", "IMAGE", (views, 0), False),
+                      ("cameras", "C3D_CAMERAS", (cams, 0), False), ("prompt", "STRING", (text, 0), True),
+                      ("parts", "STRING", (parts, 0), True)],
+                     [("part_maps", "C3D_PART_MAPS"), ("preview", "IMAGE")])
+    w.node("PreviewImage", (1160, 920), (340, 300), [], [("images", "IMAGE", (capture, 1), False)],
+           title="Captured part maps")
+    field = w.node("Compose3D_PartAffinityNeRF", (1540, 80), (320, 260), schema_widgets(PartAffinityNeRF,
+                                                                                        steps=2000),
+                   [("part_maps", "C3D_PART_MAPS", (capture, 0), False), ("nerf", "C3D_NERF", (plain, 0), False)],
+                   [("part_field", "C3D_PART_FIELD")])
+    sources = {**sources, "nerf": (plain, 0), "part_field": (field, 0), "clip": (loader, 1)}
+    modulated = w.node("Compose3D_SDSOptimizer", (1900, 80), (360, 1500),
+                       sds_widgets(steps=7000, start_at_step=1000, prompt=DREAMBEAST_PROMPT, parts=DREAMBEAST_PARTS,
+                                   checkpoint_prefix="compose3d/dreambeast"),
+                       [(n, t, sources.get(n), False) for n, t in SDS_INPUTS]
+                       + [("prompt", "STRING", (text, 0), True), ("parts", "STRING", (parts, 0), True)],
+                       SDS_OUTPUTS, title="SDS: part-modulated, steps 1000-7000")
+    w.node("PreviewImage", (1540, 400), (320, 320), [], [("images", "IMAGE", (modulated, 1), False)],
+           title="Result")
+    mesh_and_turntable(w, (modulated, 0), 2300, "dreambeast")
+    w.node("Note", (40, 840), (320, 420), ["DreamBeast: plain MVDream SDS to step 1000 of 7000, then the NeRF is "
+           "rendered from 80 SDS cameras; SD3 reads each view with the prompt and its attention to the part phrases "
+           "becomes part maps (block 11, t 100-450); a Part-Affinity NeRF learns the parts on the NeRF's geometry; "
+           "SDS continues from step 1000 with MVDream's attention modulated by part maps rendered at each step's "
+           "cameras (cross 0.6, self 1.2, from step 3020). Its preview shows the parts next to the render. Needs "
+           "sd-v2.1-base-4view and sd3_medium_incl_clips in models/checkpoints, and a GPU."])
+    w.save(FOLDER, "compose3d_dreambeast.json")
+
+
+def dreambeast_thumbnail() -> None:
+    """What the modulated SDS node's progress preview shows (its own preview functions), on the test object: the
+    NeRF's render next to its part field (trained on the object's exact part maps), from two views."""
+    import torch
+
+    from make_part_workflows import toy_part_field
+
+    from compose3d.kernels.cameras import orbit_cameras
+    from compose3d.nodes.common import to_pil
+    from compose3d.nodes.nerf import preview_render
+    from compose3d.nodes.sds import part_preview
+
+    nerf, field = toy_part_field()
+    cameras = orbit_cameras(2, 25.0, 40.0, azimuth_span=180.0, distance=2.5)
+    rows = [torch.cat([preview_render(nerf, cameras[i], 192), part_preview(field, cameras[i], 192)], dim=1)
+            for i in range(2)]
+    to_pil(torch.cat(rows, dim=0)).save(FOLDER / "compose3d_dreambeast.jpg", quality=90)
+
+
 if __name__ == "__main__":
     text_to_3d()
     grounded_dreamer()
+    dreambeast()
+    if "--no-thumbnail" not in sys.argv:
+        dreambeast_thumbnail()
