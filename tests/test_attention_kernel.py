@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compose3d.kernels import attention as attention_module
-from compose3d.kernels.attention import attention, sequence_to_views, views_to_sequence
+from compose3d.kernels.attention import attention, biased_attention, sequence_to_views, views_to_sequence
 
 
 def test_views_are_joined_into_one_sequence_per_object_and_split_back():
@@ -61,6 +61,17 @@ def test_attention_adds_a_logit_bias_broadcast_over_batch_heads_and_queries(shap
         want_out, want_probs = oracle(q, k, v, 3, bias)
         torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(probs.double(), want_probs.mean(dim=1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 37, 11), (2, 3, 37, 11), (1, 1, 37, 11), (37, 11)])
+def test_the_fused_biased_attention_is_the_softmax_formula_chunked_or_not(shape):
+    q, k, v = qkv(seed=3)
+    bias = torch.randn(*shape, generator=torch.Generator().manual_seed(4)) * 3
+    want, _ = oracle(q, k, v, 3, bias)
+    for chunk_logits in (None, 2 * 3 * 11 * 4, 1):
+        out = biased_attention(q, k, v, 3, bias, chunk_logits=chunk_logits)
+        assert out.shape == (2, 37, 15) and out.dtype == q.dtype
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_minus_infinity_bias_masks_keys_out_and_gradients_reach_q_k_v_and_the_bias():
