@@ -354,3 +354,25 @@ def test_bad_modulation_inputs_are_refused_before_optimising(mv, monkeypatch, ch
     inputs = {**MODULATED, "part_field": part_field(), "clip": clip, **change}
     with pytest.raises(InputError, match=message):
         run_sds(model, vae, positive, negative, steps=4, **inputs)
+
+
+def test_the_modulated_runs_preview_shows_the_part_field_next_to_the_render(mv, monkeypatch):
+    model, clip, vae, positive, negative = mv
+    shown = []
+
+    class Recording(sds_node.Progress):
+        def update(self, value, preview=None):
+            if preview is not None:
+                shown.append(preview)
+            super().update(value, preview)
+
+    monkeypatch.setattr(sds_node, "Progress", Recording)
+    field = part_field()
+    run_sds(model, vae, positive, negative, steps=1, part_field=field, clip=clip, **MODULATED)
+    (preview,) = shown  # the last step shows one
+    size = sds_node.PREVIEW_SIZE
+    assert preview.shape == (size, 2 * size, 3)
+    camera = sds_node.preview_cameras()[0]
+    torch.testing.assert_close(preview[:, size:], sds_node.part_preview(field, camera))
+    run_sds(model, vae, positive, negative, steps=1)
+    assert shown[-1].shape == (size, size, 3)  # without a part field: the render alone
