@@ -50,13 +50,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, logit_bias: Tensor | 
     tensor([[[0.3333, 0.3333, 0.3333],
              [0.3333, 0.3333, 0.3333]]])
     """
-    sizes = check_shape("q", q, ("B", "Lq", "C"))
-    check_shape("k", k, ("B", "Lk", "C"), sizes=sizes)
-    check_shape("v", v, ("B", "Lk", "Cv"), sizes=sizes)
-    b, lq, lk, channels = sizes["B"], sizes["Lq"], sizes["Lk"], sizes["C"]
-    if channels % heads or sizes["Cv"] % heads:
-        raise ValueError(f"heads: {heads} heads do not divide the {channels} query/key channels and {sizes['Cv']} "
-                         f"value channels")
+    b, lq, lk, channels = _qkv_sizes(q, k, v, heads)
     dim = channels // heads
     qh = q.reshape(b, lq, heads, dim).transpose(1, 2)  # (B, H, Lq, D)
     kh = k.reshape(b, lk, heads, dim).transpose(1, 2)
@@ -95,13 +89,7 @@ def biased_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, logit_bias: Te
     Returns:
         (B, Lq, H * Dv) in the dtype of q (the bias is cast to it).
     """
-    sizes = check_shape("q", q, ("B", "Lq", "C"))
-    check_shape("k", k, ("B", "Lk", "C"), sizes=sizes)
-    check_shape("v", v, ("B", "Lk", "Cv"), sizes=sizes)
-    b, lq, lk, channels = sizes["B"], sizes["Lq"], sizes["Lk"], sizes["C"]
-    if channels % heads or sizes["Cv"] % heads:
-        raise ValueError(f"heads: {heads} heads do not divide the {channels} query/key channels and {sizes['Cv']} "
-                         f"value channels")
+    b, lq, lk, channels = _qkv_sizes(q, k, v, heads)
     qh = q.reshape(b, lq, heads, -1).transpose(1, 2)  # (B, H, Lq, D)
     kh = k.reshape(b, lk, heads, -1).transpose(1, 2)
     vh = v.reshape(b, lk, heads, -1).transpose(1, 2)
@@ -114,6 +102,18 @@ def biased_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, logit_bias: Te
             for start in range(0, lq, rows)]
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).reshape(b, lq, -1)
+
+
+def _qkv_sizes(q: Tensor, k: Tensor, v: Tensor, heads: int) -> tuple[int, int, int, int]:
+    """(B, Lq, Lk, C) of (B, Lq, C) queries, (B, Lk, C) keys and (B, Lk, Cv) values, checked to split into
+    ``heads`` heads."""
+    sizes = check_shape("q", q, ("B", "Lq", "C"))
+    check_shape("k", k, ("B", "Lk", "C"), sizes=sizes)
+    check_shape("v", v, ("B", "Lk", "Cv"), sizes=sizes)
+    if sizes["C"] % heads or sizes["Cv"] % heads:
+        raise ValueError(f"heads: {heads} heads do not divide the {sizes['C']} query/key channels and "
+                         f"{sizes['Cv']} value channels")
+    return sizes["B"], sizes["Lq"], sizes["Lk"], sizes["C"]
 
 
 def _rows(bias: Tensor, start: int, stop: int, lq: int) -> Tensor:

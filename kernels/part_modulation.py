@@ -91,7 +91,7 @@ class StepBiases:
         if key not in self._cross:
             per_object = [cross_attention_bias(m, size, self.token_groups, context_length,
                                                self.settings.cross_strength) for m in self._objects()]
-            self._cross[key] = _stack(per_object)[:, None]
+            self._cross[key] = torch.cat(per_object)[:, None]
         return self._cross[key]
 
     def self(self, size: tuple[int, int]) -> Tensor | None:
@@ -100,9 +100,6 @@ class StepBiases:
             return None
         if size not in self._self:
             per_object = [self_attention_bias(m, size, self.settings.self_strength)[None] for m in self._objects()]
-            self._self[size] = _stack(per_object)[:, None]
+            self._self[size] = torch.cat(per_object)[:, None]
         return self._self[size]
 
-
-def _stack(parts: list[Tensor]) -> Tensor:
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
