@@ -10,7 +10,7 @@ from ..kernels.cameras import MAX_VIEWS, concat_cameras, orbit_cameras
 from ..kernels.rig_preview import draw_rig
 from ..kernels.sds import CameraRanges, sample_cameras
 from .types import CATEGORY, CamerasType
-from .validation import Compose3DNode, InputError
+from .validation import Compose3DNode
 
 
 class OrbitCameras(Compose3DNode):
@@ -88,13 +88,12 @@ class SDSCameras(Compose3DNode):
     @classmethod
     def execute(cls, groups, views_per_group, elevation_min, elevation_max, fov_min, fov_max, distance_min,
                 distance_max, seed) -> io.NodeOutput:
-        for name, low, high in (("elevation", elevation_min, elevation_max), ("fov", fov_min, fov_max),
-                                ("distance", distance_min, distance_max)):
-            if low > high:
-                raise InputError(f"{name}_min: {low:g} is above {name}_max {high:g}")
-        ranges = CameraRanges((elevation_min, elevation_max), (fov_min, fov_max), (distance_min, distance_max),
-                              True, views_per_group)
-        return io.NodeOutput(sample_cameras(groups * views_per_group, ranges, torch.Generator().manual_seed(seed)))
+        from .sds import ranges  # the SDS node's range check, same messages
+
+        camera_ranges = CameraRanges(ranges(elevation_min, elevation_max, "elevation"),
+                                     ranges(fov_min, fov_max, "fov"),
+                                     ranges(distance_min, distance_max, "distance"), True, views_per_group)
+        return io.NodeOutput(sample_cameras(groups * views_per_group, camera_ranges, torch.Generator().manual_seed(seed)))
 
 
 class CombineCameras(Compose3DNode):
