@@ -192,6 +192,8 @@ def clip_l_text_state_dict(*, width: int, layers: int, seed: int) -> dict[str, t
     return sd
 
 
+#: Where an SD1.x checkpoint keeps its CLIP-L text encoder (HF layout).
+SD15_CLIP_PREFIX = "cond_stage_model.transformer."
 #: Where an SD3 checkpoint keeps its CLIP-L text encoder (``comfy.supported_models.SD3.clip_target``).
 SD3_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
 
@@ -236,6 +238,9 @@ class TinyModels:
     sd3_checkpoint: str = "tiny_sd3.safetensors"
     sd3_diffusion_model: str = "tiny_sd3_mmdit.safetensors"
     mvdream_checkpoint: str = "tiny_mvdream_sd21.safetensors"
+    #: An SD1.5 checkpoint with its text encoder (a real-size CLIP-L, as ComfyUI builds CLIP-L from a fixed
+    #: config): the 2D model of mixed-score sampling, loaded by core CheckpointLoaderSimple with a working CLIP.
+    sd15_2d_checkpoint: str = "tiny_sd15_2d.safetensors"
 
     def path(self, folder: str, name: str) -> Path:
         return self.root / folder / name
@@ -256,8 +261,18 @@ def build_tiny_models(models_root: Path) -> TinyModels:
     save_file(mmdit, tm.path("diffusion_models", tm.sd3_diffusion_model), metadata={"compose3d": "tiny sd3"})
     sd3 = prefixed(UNET_PREFIX, mmdit)
     sd3.update(prefixed(VAE_PREFIX, taesd_state_dict(16, seed=3016)))
-    sd3.update(prefixed(SD3_CLIP_L_PREFIX, sd3_clip_l_state_dict(seed=3768)))
+    clip_l = sd3_clip_l_state_dict(seed=3768)
+    sd3.update(prefixed(SD3_CLIP_L_PREFIX, clip_l))
     save_file(sd3, tm.path("checkpoints", tm.sd3_checkpoint), metadata={"compose3d": "tiny sd3 test model"})
+    del sd3
+
+    sd15_2d = prefixed(UNET_PREFIX, sd_unet_state_dict(context_dim=768, use_linear_in_transformer=False,
+                                                       num_heads=8, seed=152))
+    sd15_2d.update(prefixed(VAE_PREFIX, taesd_state_dict(4, seed=1504)))  # the same VAE as the SD1.5 above
+    sd15_2d.update(prefixed(SD15_CLIP_PREFIX, {k: v for k, v in clip_l.items() if k.startswith("text_model.")}))
+    save_file(sd15_2d, tm.path("checkpoints", tm.sd15_2d_checkpoint),
+              metadata={"compose3d": "tiny sd15 test model with CLIP-L"})
+    del sd15_2d, clip_l
 
     mv = mvdream_checkpoint_state_dict("sd21", seed=21)
     save_file(mv, tm.path("checkpoints", tm.mvdream_checkpoint), metadata={"compose3d": "tiny mvdream test model"})

@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .cameras import CombineCameras, OrbitCameras, PreviewCameras, SDSCameras
 from .mesh import ExportMesh
+from .mixed_score import LambdaScheduleNode, MixedScoreGuiderNode, MixedScoreSampler
 from .mvdream import MVDreamConditioning, MVDreamLoader
 from .nerf import NeRFFromViews, RenderNeRF
 from .part_field import PartAffinityNeRF, PartMapsFromMasks, PartMapsToMasks, RenderPartMaps, TestObjectPartMaps
@@ -27,6 +28,9 @@ NODES: list[type[io.ComfyNode]] = [
     MVDreamLoader,
     MVDreamConditioning,
     RefocusSampler,
+    LambdaScheduleNode,
+    MixedScoreGuiderNode,
+    MixedScoreSampler,
     SDSOptimizer,
     SD3AttentionCapture,
     PartAffinityNeRF,

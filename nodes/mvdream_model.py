@@ -7,6 +7,7 @@ What MVDream adds to an SD1.5/SD2.1 UNet (``mvdream/ldm/modules/diffusionmodules
 * Multi-view self-attention: the V views of one object are contiguous in the batch and their tokens attend to each
   other, ``(b v) l c -> b (v l) c`` around every ``attn1`` (see :mod:`kernels.attention`), including attn1
   replace patches, which ComfyUI runs without ``attn1.forward`` (see :mod:`nodes.attention_patch`).
+  ``transformer_options[SINGLE_VIEW_OPTION] = True`` turns it off (each view attends to itself only).
 
 Everything else is ComfyUI's own: the UNet (``UNetModel``), the model wrapper (``BaseModel``) with its sampling
 schedule, the ops (dtype casting, lowvram weight streaming), the ModelPatcher, CLIP and VAE. The model therefore
@@ -45,7 +46,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ..kernels.attention import sequence_to_views, views_to_sequence
 from .attention_patch import fold_views
 from .common import check_interrupt
-from .types import CAMERA_KEY, VIEWS_KEY, VIEWS_OPTION
+from .types import CAMERA_KEY, SINGLE_VIEW_OPTION, VIEWS_KEY, VIEWS_OPTION
 from .validation import ModelFileError, read_model_file
 
 
@@ -114,7 +115,8 @@ class MVDreamUNet(UNetModel):
         if x.shape[0] % num_views:
             raise ValueError(f"MVDream: a batch of {x.shape[0]} latents is not a multiple of {num_views} views")
         options = dict(transformer_options)
-        options[VIEWS_OPTION] = int(num_views)
+        # SINGLE_VIEW_OPTION: each view attends to itself only (the mixed-score guider's single-view pass).
+        options[VIEWS_OPTION] = 1 if options.get(SINGLE_VIEW_OPTION) else int(num_views)
         patches = dict(options.get("patches", {}))
         # A Cancel is answered within one UNet block, not one sampling step (a step of a big batch takes long).
         patches["input_block_patch"] = list(patches.get("input_block_patch", [])) + [_interrupt_point]

@@ -20,6 +20,9 @@ PartMapsType = io.Custom("C3D_PART_MAPS")
 #: :class:`kernels.part_field.PartField`
 PartFieldType = io.Custom("C3D_PART_FIELD")
 
+#: :class:`kernels.score_mixing.LambdaSchedule`
+LambdaScheduleType = io.Custom("C3D_LAMBDA_SCHEDULE")
+
 #: CONDITIONING key holding the (V, 16) MVDream camera vectors of one object's V views
 #: (attached by ``Compose3D_MVDreamConditioning``, read by the MVDream model and the samplers).
 CAMERA_KEY = "c3d_mvdream_cameras"
@@ -28,6 +31,9 @@ CAMERA_KEY = "c3d_mvdream_cameras"
 VIEWS_KEY = "c3d_mvdream_views"
 #: transformer_options key telling attention how many views make one object (views are contiguous in the batch).
 VIEWS_OPTION = "c3d_num_views"
+#: transformer_options key (True): the MVDream UNet attends within each view only (no cross-view attention), as if
+#: every view were an object of its own; cameras are still embedded. The mixed-score guider's single-view pass.
+SINGLE_VIEW_OPTION = "c3d_single_view"
 #: MODEL option (``model.model_options[REFOCUS_REPORT_KEY] = fn``): the refocus sampler calls ``fn(report)`` with
 #: each run's :class:`nodes.refocus.RefocusReport` (benchmarks and tests read reports this way).
 REFOCUS_REPORT_KEY = "c3d_refocus_report"

@@ -41,6 +41,7 @@ from ..kernels.checks import check_choice, check_file_name
 from ..kernels.nerf import NeRF
 from ..kernels.part_field import PartField
 from ..kernels.part_maps import PartMaps
+from ..kernels.score_mixing import LambdaSchedule
 
 log = logging.getLogger("compose3d.validation")
 
@@ -115,6 +116,18 @@ def _part_maps(value) -> str | None:
     return None
 
 
+def _latent(value) -> str | None:
+    """LATENT: a dict whose "samples" is a finite (B, C, H, W) float tensor."""
+    if not isinstance(value, dict) or not isinstance(value.get("samples"), torch.Tensor):
+        return f"got {_describe(value)}"
+    samples = value["samples"]
+    if samples.ndim != 4 or 0 in samples.shape:
+        return f"got a latent of shape {tuple(samples.shape)}; image latents are (B, C, H, W)"
+    if not samples.is_floating_point() or not bool(torch.isfinite(samples).all()):
+        return "got a latent holding NaN, infinite or non-float values"
+    return None
+
+
 def _comfy_class(module: str, name: str) -> Callable[[], type]:
     def get() -> type:
         import importlib
@@ -130,6 +143,9 @@ SOCKETS: dict[str, Socket] = {
     "C3D_NERF": Socket("a NeRF (e.g. from NeRF From Views)", _instance_of(lambda: NeRF)),
     "C3D_PART_MAPS": Socket("part maps (e.g. from SD3 Attention Capture)", _part_maps),
     "C3D_PART_FIELD": Socket("a part field (e.g. from Part-Affinity NeRF)", _instance_of(lambda: PartField)),
+    "C3D_LAMBDA_SCHEDULE": Socket("a lambda schedule (e.g. from Lambda Schedule)",
+                                  _instance_of(lambda: LambdaSchedule)),
+    "LATENT": Socket("a LATENT (e.g. from Empty Latent Image)", _latent),
     "IMAGE": Socket("an IMAGE batch (B, H, W, C) with values in [0, 1]",
                     _float_tensor("IMAGE batches", "(B, H, W, C)", "an image batch",
                                   lambda shape: len(shape) == 4 and 1 <= shape[-1] <= 4)),
