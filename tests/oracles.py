@@ -1,10 +1,37 @@
 """Independent references written from the specifications (DESIGN.md, the papers), not from the pack's code."""
 from __future__ import annotations
 
+import importlib
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from harness.paths import PACK_ROOT
+
+
+def import_hiding_pack_root(*names: str) -> list:
+    """Import the modules ``names`` (e.g. diffusers) with the repository root off ``sys.path``.
+
+    transformers (which some diffusers modules import) imports Hugging Face's ``kernels`` package when it is
+    installed; with the repository root on ``sys.path`` (pytest's ``pythonpath``) the pack's own top-level
+    ``kernels/`` folder would be found under that name instead. The pack itself is imported as ``compose3d``
+    and never as a top-level ``kernels``.
+    """
+    def is_root(entry: str) -> bool:
+        return Path(entry or ".").resolve() == PACK_ROOT.resolve()
+
+    shadowing = sys.modules.get("kernels")
+    if shadowing is not None and is_root(str(Path(getattr(shadowing, "__file__", "") or ".").parent.parent)):
+        del sys.modules["kernels"]
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in saved if not is_root(entry)]
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path[:] = saved
 
 
 def mvdream_get_camera(views: int, elevation: float, azimuth_start: float, azimuth_span: float) -> np.ndarray:

@@ -14,40 +14,19 @@ in diffusers and ``L_txt..`` in ComfyUI. A mapping that ignores this must not ma
 """
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from compose3d.nodes.attention_patch import patch_mmdit_attention
 from compose3d.nodes.sd3_capture import AttentionRecorder, CaptureSettings
-from harness.paths import PACK_ROOT
+from oracles import import_hiding_pack_root
 
 
 def import_diffusers_sd3():
-    """diffusers' SD3 transformer class and its checkpoint converter.
-
-    The converter's module imports transformers, which imports Hugging Face's ``kernels`` package when it is
-    installed; with the repository root on ``sys.path`` (pytest's ``pythonpath``), the pack's own top-level
-    ``kernels/`` folder would be found under that name instead. The import therefore runs with the root hidden
-    (the pack itself is imported as ``compose3d`` and never as a top-level ``kernels``).
-    """
-    def is_root(entry: str) -> bool:
-        return Path(entry or ".").resolve() == PACK_ROOT.resolve()
-
-    shadowing = sys.modules.get("kernels")
-    if shadowing is not None and is_root(str(Path(getattr(shadowing, "__file__", "") or ".").parent.parent)):
-        del sys.modules["kernels"]
-    saved = list(sys.path)
-    sys.path[:] = [entry for entry in saved if not is_root(entry)]
-    try:
-        diffusers = importlib.import_module("diffusers")
-        utils = importlib.import_module("diffusers.loaders.single_file_utils")
-    finally:
-        sys.path[:] = saved
+    """diffusers' SD3 transformer class and its checkpoint converter (imported with the pack root hidden: the
+    converter's module imports transformers, see :func:`oracles.import_hiding_pack_root`)."""
+    diffusers, utils = import_hiding_pack_root("diffusers", "diffusers.loaders.single_file_utils")
     return diffusers.SD3Transformer2DModel, utils.convert_sd3_transformer_checkpoint_to_diffusers
 
 
