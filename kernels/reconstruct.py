@@ -16,9 +16,10 @@ from torch import Tensor
 
 from .background import SolidBackground
 from .cameras import Cameras
+from .field import config_for_device
 from .nerf import NeRF
 from .rays import camera_rays
-from .renderer import render_rays, rays_per_chunk
+from .renderer import RenderSettings, render_rays, rays_per_chunk
 from .training import (OccupancySchedule, OccupancyUpdates, ParamGroup, Step, StepDone, TrainingState,
                        load_optimizer_state, make_optimizer, set_learning_rates, train)
 
@@ -40,6 +41,16 @@ class StepInfo:
     total: int
     loss: float
     psnr: float  # of the batch
+
+
+def new_nerf_for_views(device: torch.device | str, background_rgb: tuple[float, float, float], samples_per_ray: int,
+                       seed: int) -> NeRF:
+    """A fresh NeRF for fitting to views: the device's field size, no density blob (views, not a prior, shape it),
+    exp density, a solid background colour."""
+    device = torch.device(device)
+    return NeRF.create(config_for_device(device.type, blob_density=0.0, density_activation="exp"),
+                       background=SolidBackground(background_rgb),
+                       render=RenderSettings(samples_per_ray=samples_per_ray), device=device, seed=seed)
 
 
 def nerf_param_groups(nerf: NeRF, lr: float) -> list[ParamGroup]:

@@ -15,6 +15,7 @@ from .refocus import RefocusSampler
 from .sd3_capture import SD3AttentionCapture
 from .sds import SDSOptimizer
 from .toy_object import ToyObjectViews
+from .view_consistency import ViewConsistencyScore
 
 NODES: list[type[io.ComfyNode]] = [
     OrbitCameras,
@@ -31,6 +32,7 @@ NODES: list[type[io.ComfyNode]] = [
     LambdaScheduleNode,
     MixedScoreGuiderNode,
     MixedScoreSampler,
+    ViewConsistencyScore,
     SDSOptimizer,
     SD3AttentionCapture,
     PartAffinityNeRF,

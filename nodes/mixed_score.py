@@ -365,7 +365,7 @@ class MixedScoreSampler(Compose3DNode):
             inputs=_model_inputs() + [
                 io.Latent.Input("latent_image", tooltip="Empty latents, one per view: a batch of as many (or a "
                                                         "multiple of as many) latents as cameras."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the starting noise."),
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip="DDIM steps (MVDream uses 50)."),
             ],

@@ -7,9 +7,8 @@ from comfy_api.latest import io
 from ..kernels.background import SolidBackground
 from ..kernels.cameras import Cameras
 from ..kernels.checks import check_shape
-from ..kernels.field import config_for_device
 from ..kernels.nerf import NeRF
-from ..kernels.reconstruct import FitSettings, StepInfo, fit_views
+from ..kernels.reconstruct import FitSettings, StepInfo, fit_views, new_nerf_for_views
 from ..kernels.renderer import RenderSettings, render_views
 from .common import BACKGROUNDS, Progress, check_interrupt, compute_device
 from .types import CATEGORY, CamerasType, NeRFType
@@ -93,10 +92,7 @@ class NeRFFromViews(Compose3DNode):
 
         with torch.inference_mode(False), torch.enable_grad():
             if nerf is None:
-                result = NeRF.create(config_for_device(device.type, blob_density=0.0, density_activation="exp"),
-                                     background=SolidBackground(BACKGROUNDS[background]),
-                                     render=RenderSettings(samples_per_ray=samples_per_ray), device=device,
-                                     seed=seed)
+                result = new_nerf_for_views(device, BACKGROUNDS[background], samples_per_ray, seed)
             else:
                 if not isinstance(nerf.background, SolidBackground):
                     raise ValueError("nerf: this NeRF has a learned background; NeRF From Views continues only "

@@ -45,11 +45,16 @@ FAST = {
     "Compose3D_RenderPartMaps": {"size": 8, "samples_per_ray": 16},
     "Compose3D_PartMapsFromMasks": {"parts": "object"},
     "Compose3D_TestObjectPartMaps": {"size": 16},
+    "Compose3D_MixedScoreSampler": {"steps": 1},
+    "Compose3D_ViewConsistency": {"steps": 2, "rays_per_step": 64, "samples_per_ray": 16},
 }
 
 #: Socket types a node gets from other providers than the shared ones (SD3 nodes need an SD3 model).
 NODE_PROVIDERS = {
     "Compose3D_SD3AttentionCapture": {"MODEL": "_sd3_model", "CLIP": "_sd3_clip", "VAE": "_sd3_vae"},
+    # the multi-view model's conditionings carry cameras (the tiny MVDream stands in for the 2D model too)
+    "Compose3D_MixedScoreGuider": {"CONDITIONING": "_mv_conditioning"},
+    "Compose3D_MixedScoreSampler": {"CONDITIONING": "_mv_conditioning"},
 }
 
 
@@ -114,6 +119,11 @@ def _conditioning(graph: Graph):
     return graph.g.node("CLIPTextEncode", text="a cat", clip=graph.provide("CLIP")).out(0)
 
 
+def _mv_conditioning(graph: Graph):
+    return graph.g.node("Compose3D_MVDreamConditioning", conditioning=graph.provide("CONDITIONING"),
+                        cameras=graph.provide("C3D_CAMERAS")).out(0)
+
+
 PROVIDERS: dict[str, Callable[[Graph], Any]] = {
     "C3D_CAMERAS": _cameras,
     "_views": _views,
@@ -131,6 +141,10 @@ PROVIDERS: dict[str, Callable[[Graph], Any]] = {
     "_sd3_vae": lambda graph: graph.provide("_sd3").out(2),
     "C3D_PART_MAPS": _part_maps,
     "C3D_PART_FIELD": _part_field,
+    "_mv_conditioning": _mv_conditioning,
+    "C3D_LAMBDA_SCHEDULE": lambda graph: graph.g.node("Compose3D_LambdaSchedule", kind="linear", start=0.3, end=0.9,
+                                                      points="").out(0),
+    "LATENT": lambda graph: graph.g.node("EmptyLatentImage", width=64, height=64, batch_size=4).out(0),
 }
 
 

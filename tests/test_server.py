@@ -129,6 +129,8 @@ RUN_WITH_TINY_MODELS = {
     "compose3d_grounded_dreamer": "tests/test_server_sds.py",
     "compose3d_part_affinity": "tests/test_server_parts.py",
     "compose3d_dreambeast": "tests/test_server_sds.py",
+    "compose3d_mixed_score_4views": "tests/test_server_mixed.py",
+    "compose3d_mixed_score_text_to_3d": "tests/test_server_mixed.py",
 }
 
 
