@@ -39,6 +39,24 @@ def check_views(images: torch.Tensor, cameras: Cameras, masks: torch.Tensor | No
                          f"visible in every view, or leave masks unconnected")
 
 
+def fitting_inputs(steps: int, steps_tooltip: str, samples_use: str, background_use: str) -> list:
+    """The inputs of a node that fits a new NeRF to views, in this order: steps (default ``steps``), rays_per_step,
+    samples_per_ray, learning_rate, background, seed. ``samples_use`` and ``background_use`` finish the tooltips of
+    samples_per_ray and background."""
+    return [
+        io.Int.Input("steps", default=steps, min=1, max=100000, tooltip=steps_tooltip),
+        io.Int.Input("rays_per_step", default=4096, min=64, max=262144, step=64,
+                     tooltip="Pixels rendered per step."),
+        io.Int.Input("samples_per_ray", default=64, min=8, max=1024,
+                     tooltip=f"Samples along each ray inside the box ({samples_use})."),
+        io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=0.0001,
+                       tooltip="Adam step size of the hash grid (the MLPs use a tenth)."),
+        io.Combo.Input("background", options=list(BACKGROUNDS), default="white",
+                       tooltip=f"Colour behind the object {background_use}."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="NeRF initialisation and ray sampling."),
+    ]
+
+
 def preview_render(nerf: NeRF, cameras: Cameras, size: int = PREVIEW_SIZE) -> torch.Tensor:
     """(size, size, 3) render of the first camera, for progress previews."""
     out = render_views(nerf.field, nerf.background, cameras[:1], size, size, nerf.render, nerf.occupancy,
@@ -63,18 +81,8 @@ class NeRFFromViews(Compose3DNode):
                 CamerasType.Input("cameras", tooltip="One camera per image, in the same order."),
                 io.Mask.Input("masks", optional=True, tooltip="Object silhouettes (1 = object), one per image."),
                 NeRFType.Input("nerf", optional=True, tooltip="Continue training this NeRF instead of a new one."),
-                io.Int.Input("steps", default=1000, min=1, max=100000,
-                             tooltip="Optimisation steps. ~500-1000 for a 64 px object on a CPU."),
-                io.Int.Input("rays_per_step", default=4096, min=64, max=262144, step=64,
-                             tooltip="Pixels rendered per step."),
-                io.Int.Input("samples_per_ray", default=64, min=8, max=1024,
-                             tooltip="Samples along each ray inside the box (used again when rendering)."),
-                io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=0.0001,
-                               tooltip="Adam step size of the hash grid (the MLPs use a tenth)."),
-                io.Combo.Input("background", options=list(BACKGROUNDS), default="white",
-                               tooltip="Colour behind the object (the images are composited on it where "
-                                       "the mask is 0)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Initialisation and ray sampling."),
+                *fitting_inputs(1000, "Optimisation steps. ~500-1000 for a 64 px object on a CPU.",
+                                "used again when rendering", "(the images are composited on it where the mask is 0)"),
             ],
             outputs=[NeRFType.Output(display_name="nerf")],
         )

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..kernels.reconstruct import StepInfo
 from ..kernels.view_consistency import ConsistencySettings, consistency_report, error_rows, view_consistency
 from .common import BACKGROUNDS, Progress, check_interrupt, compute_device
-from .nerf import PREVIEW_SIZE, check_views, preview_render
+from .nerf import PREVIEW_SIZE, check_views, fitting_inputs, preview_render
 from .types import CATEGORY, CamerasType
 from .validation import Compose3DNode
 
@@ -34,20 +34,10 @@ class ViewConsistencyScore(Compose3DNode):
                 io.Mask.Input("masks", optional=True,
                               tooltip="Object silhouettes (1 = object), one per image. Optional: without them "
                                       "the whole image is reconstructed and compared."),
-                io.Int.Input("steps", default=300, min=1, max=100000,
-                             tooltip="Reconstruction steps. More steps fit consistent views better; keep the "
-                                     "same number when comparing scores."),
-                io.Int.Input("rays_per_step", default=4096, min=64, max=262144, step=64,
-                             tooltip="Pixels rendered per reconstruction step."),
-                io.Int.Input("samples_per_ray", default=64, min=8, max=1024,
-                             tooltip="Samples along each ray inside the box (fitting and rendering back)."),
-                io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=0.0001,
-                               tooltip="Adam step size of the hash grid (the MLPs use a tenth)."),
-                io.Combo.Input("background", options=list(BACKGROUNDS), default="white",
-                               tooltip="Colour behind the object: the NeRF's background, and what the images "
-                                       "are composited on where the mask is 0."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
-                             tooltip="NeRF initialisation and ray sampling."),
+                *fitting_inputs(300, "Reconstruction steps. More steps fit consistent views better; keep the "
+                                     "same number when comparing scores.", "fitting and rendering back",
+                                "(the NeRF's background, and what the images are composited on where the mask "
+                                "is 0)"),
             ],
             outputs=[
                 io.Float.Output(display_name="score",

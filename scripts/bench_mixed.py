@@ -11,7 +11,8 @@ Variants alternate in one process (plain MVDream, plain 2D, mixed with lambda 0.
 term) so load from other processes hits them alike. Prints mixed / (MVDream + 2D) (target at most 1.05).
 
 Memory: peak allocated GPU memory of each variant in ComfyUI's normal and --lowvram modes (a process per
-mode); on the CPU the peak RSS of one process per variant (lowvram is a GPU mode).
+mode); on the CPU the process's RSS sampled during one step of each variant, with both models loaded (lowvram is
+a GPU mode).
 
     .venv/bin/python scripts/bench_mixed.py --device cpu --steps 3
     .venv/bin/python scripts/bench_mixed.py --device auto --steps 10 --out mixed.json     # on a GPU
@@ -94,8 +95,35 @@ def guider(loaded, variant: str):
                        MixSettings(LambdaSchedule("constant", 0.5), 7.5, 7.5, weight))
 
 
-def timed_calls(loaded, variant: str, calls: int) -> list[float]:
-    """Seconds of each of ``calls`` guider calls inside one sampling run of ``variant``."""
+#: Seconds of each ``comfy.samplers.sampling_function`` call (one model's CFG prediction) of the last timed call.
+MODEL_CALLS: list[float] = []
+
+
+def _time_model_calls() -> None:
+    """Time every one-model prediction (the guider calls ComfyUI's ``sampling_function`` once per model pass)."""
+    import torch
+
+    import comfy.samplers
+
+    real = comfy.samplers.sampling_function
+
+    def timed(*args, **kwargs):
+        cuda = torch.cuda.is_available() and args[1].is_cuda
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = real(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        MODEL_CALLS.append(time.perf_counter() - started)
+        return out
+
+    comfy.samplers.sampling_function = timed
+
+
+def timed_calls(loaded, variant: str, calls: int, parts: dict | None = None) -> list[float]:
+    """Seconds of each of ``calls`` guider calls inside one sampling run of ``variant``; ``parts`` (if given)
+    gets, for the fastest call, the seconds of its model passes in order."""
     import torch
 
     import comfy.model_management
@@ -112,10 +140,13 @@ def timed_calls(loaded, variant: str, calls: int) -> list[float]:
             comfy.model_management.throw_exception_if_processing_interrupted()
             sigma = sigmas[min(i, len(sigmas) - 2)] * torch.ones(x.shape[0], device=x.device)
             sync()
+            MODEL_CALLS.clear()
             started = time.perf_counter()
             model(x, sigma, **(extra_args or {}))
             sync()
             seconds.append(time.perf_counter() - started)
+            if parts is not None and seconds[-1] == min(seconds):
+                parts[variant] = list(MODEL_CALLS)
         return x
 
     sigmas = comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", 50)
@@ -126,27 +157,50 @@ def timed_calls(loaded, variant: str, calls: int) -> list[float]:
     return seconds
 
 
-def peak_memory(device: str, vram: str, variant: str | None, calls: int) -> dict:
-    """Peak memory of each variant (GPU: allocated, reset between variants) or of one variant (CPU: RSS)."""
-    import resource
-
+def peak_gpu_memory(device: str, vram: str) -> dict:
+    """Peak allocated GPU memory of one step of each variant (models unloaded and the peak reset in between),
+    in ComfyUI's ``vram`` mode (run in a process of its own: the mode is fixed at start-up)."""
     import torch
+
+    import comfy.model_management
 
     loaded = setup(device, vram)
     out = {}
-    for v in ([variant] if variant else VARIANTS):
-        if torch.cuda.is_available() and device == "auto":
-            import comfy.model_management
-
-            comfy.model_management.unload_all_models()
-            comfy.model_management.soft_empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            timed_calls(loaded, v, 1)
-            out[v] = torch.cuda.max_memory_allocated()
-        else:
-            timed_calls(loaded, v, 1)
-            out[v] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for v in VARIANTS:
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        timed_calls(loaded, v, 1)
+        out[v] = torch.cuda.max_memory_allocated()
     return out
+
+
+def rss_peak_during(fn) -> tuple[int, int]:
+    """(RSS before, peak RSS while ``fn()`` runs), in bytes, sampling /proc/self/status every 5 ms (Linux)."""
+    import threading
+
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    before, peak, done = rss(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return before, max(peak[0], before)
 
 
 def child(args, **extra) -> dict:
@@ -165,44 +219,52 @@ def main() -> None:
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--vram", default="normal", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--no-memory", action="store_true", help="time only (no peak-memory processes)")
     args = parser.parse_args()
     if args.child:
-        Path(args.out).write_text(json.dumps(peak_memory(args.device, args.vram, args.variant, 1)))
+        Path(args.out).write_text(json.dumps(peak_gpu_memory(args.device, args.vram)))
         return
     started = time.perf_counter()
     loaded = setup(args.device, "normal")
+    _time_model_calls()
     best = {v: float("inf") for v in VARIANTS}
+    parts: dict = {}
     for repeat in range(2):  # the first round warms up
         for v in VARIANTS:
-            calls = timed_calls(loaded, v, 1 if repeat == 0 else args.steps)
+            calls = timed_calls(loaded, v, 1 if repeat == 0 else args.steps, parts if repeat else None)
             if repeat:
                 best[v] = min(calls)
     import torch
 
     cuda = torch.cuda.is_available() and args.device == "auto"
     figures = {"device": torch.cuda.get_device_name() if cuda else "cpu", "calls": args.steps,
-               "seconds_per_call": best}
+               "seconds_per_call": best, "model_passes": parts}
     sum_two = best["mvdream"] + best["2d"]
     figures["ratio"] = best["mixed"] / sum_two
-    figures["ratio_with_consistency"] = best["mixed+consistency"] / (2 * best["mvdream"] + best["2d"])
+    # the single-view pass is cheaper than a multi-view one (attention over one view's tokens): its own time
+    single = parts["mixed+consistency"][-1] if len(parts.get("mixed+consistency", [])) == 3 else best["mvdream"]
+    figures["ratio_with_consistency"] = best["mixed+consistency"] / (sum_two + single)
     print(f"\none step, {VIEWS} views of {SIZE} px, CFG on both models (fastest of {args.steps} calls):")
     for v in VARIANTS:
-        print(f"  {v:18s} {best[v]:8.3f} s")
+        passes = " + ".join(f"{p:.3f}" for p in parts.get(v, []))
+        print(f"  {v:18s} {best[v]:8.3f} s   (model passes: {passes} s)")
     print(f"mixed / (MVDream + 2D) = {best['mixed']:.3f} / {sum_two:.3f} = {figures['ratio']:.3f} "
           f"(target <= {TARGET_RATIO})")
-    print(f"mixed+consistency / (2 MVDream + 2D) = {figures['ratio_with_consistency']:.3f}")
-    del loaded
-    if cuda:
+    print(f"mixed+consistency / (MVDream + 2D + single-view MVDream pass) = "
+          f"{figures['ratio_with_consistency']:.3f}")
+    if args.no_memory:
+        pass
+    elif cuda:
+        del loaded
         figures["peak_memory_bytes"] = {mode: child(args, vram=mode) for mode in ("normal", "lowvram")}
         for mode, peaks in figures["peak_memory_bytes"].items():
             print(f"peak GPU memory allocated, {mode}: " + ", ".join(f"{v} {b / 2 ** 30:.2f} GiB"
                                                                     for v, b in peaks.items()))
-    else:
-        peaks = {v: child(args, variant=v)[v] for v in VARIANTS}
-        figures["peak_rss_bytes"] = peaks
-        print("peak process RSS (CPU; lowvram is a GPU mode): " + ", ".join(f"{v} {b / 2 ** 30:.2f} GiB"
-                                                                             for v, b in peaks.items()))
+    else:  # one process, both models loaded: the memory a step adds on top of them
+        rss = {v: rss_peak_during(lambda v=v: timed_calls(loaded, v, 1)) for v in VARIANTS}
+        figures["rss_bytes_before_and_peak"] = rss
+        print("process RSS during one step (CPU; lowvram is a GPU mode), peak and growth over the loaded models: "
+              + ", ".join(f"{v} {p / 2 ** 30:.2f} GiB (+{(p - b) / 2 ** 30:.2f})" for v, (b, p) in rss.items()))
     figures["seconds"] = time.perf_counter() - started
     print(f"benchmark took {figures['seconds']:.0f} s")
     if args.out:

@@ -256,3 +256,18 @@ def test_bad_pairs_schedules_and_batches_are_refused_with_clear_errors(models, t
     with pytest.raises(InputError, match=r"^consistency: the consistency term needs an MVDream mv_model"):
         make_guider(models["model_2d"], models["model_2d"], models["mv_positive"], models["mv_negative"],
                     models["positive_2d"], models["negative_2d"], MixSettings(LambdaSchedule(), consistency=1.0))
+
+
+def test_the_schedule_node_builds_the_schedule_and_refuses_bad_points(comfy_inprocess):
+    schedule, preview = run_node(LambdaScheduleNode, kind="piecewise", start=0.0, end=0.0,
+                                 points="0: 1.0, 400: 0.6, 1000: 0.2").result
+    assert schedule(200) == pytest.approx(0.8) and schedule(700) == pytest.approx(0.4)
+    assert preview.shape == (1, 288, 512, 3)
+    with pytest.raises(ValueError, match=r"^points: the timesteps must increase"):
+        run_node(LambdaScheduleNode, kind="piecewise", start=0.3, end=0.9, points="500: 0.5, 100: 0.2")
+    with pytest.raises(ValueError, match=r"^points: at t 100: lambda must be in \[0, 1\]"):
+        run_node(LambdaScheduleNode, kind="piecewise", start=0.3, end=0.9, points="100: 1.2")
+    with pytest.raises(InputError, match=r"^start: expected a number in \[0, 1\]"):
+        run_node(LambdaScheduleNode, kind="linear", start=1.5, end=0.9, points="")
+    # points are read only by the piecewise kind
+    assert run_node(LambdaScheduleNode, kind="cosine", start=0.3, end=0.9, points="junk").result[0](0) == 0.9

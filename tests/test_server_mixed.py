@@ -12,17 +12,11 @@ import pytest
 from harness.interrupt import interrupt_at_first_progress
 from harness.paths import PACK_ROOT
 from harness.workflow import ui_to_api
+from test_server_sds import by_type, shrink_mesh_and_turntable
 
 pytestmark = pytest.mark.server
 
 TEMPLATES = PACK_ROOT / "example_workflows"
-
-
-def by_type(prompt: dict) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for node_id, node in prompt.items():
-        found.setdefault(node["class_type"], []).append(node_id)
-    return found
 
 
 def tiny_template(server, tiny_models, name: str) -> tuple[dict, dict]:
@@ -48,6 +42,7 @@ def tiny_template(server, tiny_models, name: str) -> tuple[dict, dict]:
 def test_mixed_score_4views_workflow_samples_and_scores_the_views(comfy_server, tiny_models):
     prompt, nodes = tiny_template(comfy_server, tiny_models, "compose3d_mixed_score_4views.json")
     (guider,) = nodes["Compose3D_MixedScoreGuider"]
+    assert prompt[nodes["SamplerCustomAdvanced"][0]]["inputs"]["guider"] == [guider, 0]
     (sampler,) = nodes["KSamplerSelect"]
     (scheduler,) = nodes["BasicScheduler"]
     assert prompt[sampler]["inputs"]["sampler_name"] == "ddim"
@@ -67,7 +62,6 @@ def test_mixed_score_4views_workflow_samples_and_scores_the_views(comfy_server, 
     (per_view,) = nodes["PreviewAny"]
     text = json.dumps(result.outputs[per_view])
     assert "view" in text
-    assert guider in prompt  # the guider ran inside SamplerCustomAdvanced
 
 
 def test_mixed_score_text_to_3d_workflow_writes_a_mesh(comfy_server, tiny_models):
@@ -80,15 +74,8 @@ def test_mixed_score_text_to_3d_workflow_writes_a_mesh(comfy_server, tiny_models
     (nerf,) = nodes["Compose3D_NeRFFromViews"]
     assert prompt[nerf]["inputs"]["cameras"] == prompt[nodes["Compose3D_MVDreamConditioning"][0]]["inputs"]["cameras"]
     prompt[nerf]["inputs"].update(steps=30, rays_per_step=1024, samples_per_ray=16)
-    (mesh,) = nodes["Compose3D_ExportMesh"]
     # random-weight views train a diffuse cloud (density about 1.8 to 2.4 after 30 steps): cut it in the middle
-    prompt[mesh]["inputs"].update(filename_prefix="c3d_mixed3d/mesh", resolution=32, threshold=2.1, max_faces=2000,
-                                  colors="vertex", texture_size=64)
-    (render,) = nodes["Compose3D_RenderNeRF"]
-    prompt[render]["inputs"].update(width=16, height=16, samples_per_ray=16)
-    for ring in nodes["Compose3D_OrbitCameras"]:
-        if prompt[ring]["inputs"]["views"] == 24:
-            prompt[ring]["inputs"]["views"] = 4
+    shrink_mesh_and_turntable(prompt, nodes, "c3d_mixed3d", threshold=2.1)
     result = comfy_server.run(prompt, timeout=300)
     assert result.status == "success", (result.error or {}).get("exception_message")
     meshes = list((comfy_server.base / "output" / "c3d_mixed3d").glob("mesh*.glb"))

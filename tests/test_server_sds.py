@@ -41,15 +41,20 @@ def shrink_common(prompt: dict, tiny_models, prefix: str) -> dict[str, list[str]
     (sds,) = nodes["Compose3D_SDSOptimizer"]
     assert prompt[sds]["inputs"]["steps"] == 10000 and prompt[sds]["inputs"]["guidance_scale"] == 50.0
     prompt[sds]["inputs"].update(FAST_SDS, checkpoint_prefix=f"{prefix}/sds")
+    shrink_mesh_and_turntable(prompt, nodes, prefix, threshold=1.0)
+    return nodes
+
+
+def shrink_mesh_and_turntable(prompt: dict, nodes: dict, prefix: str, threshold: float) -> None:
+    """The template's Export Mesh and turntable at test sizes; the mesh goes to ``prefix``/mesh."""
     (mesh,) = nodes["Compose3D_ExportMesh"]
-    prompt[mesh]["inputs"].update(filename_prefix=f"{prefix}/mesh", resolution=32, threshold=1.0, max_faces=2000,
-                                  colors="vertex", texture_size=64)
+    prompt[mesh]["inputs"].update(filename_prefix=f"{prefix}/mesh", resolution=32, threshold=threshold,
+                                  max_faces=2000, colors="vertex", texture_size=64)
     (render,) = nodes["Compose3D_RenderNeRF"]
     prompt[render]["inputs"].update(width=16, height=16, samples_per_ray=16)
     for ring in nodes["Compose3D_OrbitCameras"]:
         if prompt[ring]["inputs"]["views"] == 24:
             prompt[ring]["inputs"]["views"] = 4
-    return nodes
 
 
 def check_outputs(server, result, prefix: str) -> None:
