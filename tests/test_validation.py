@@ -83,6 +83,7 @@ def test_sockets_take_real_values_and_refuse_others(comfy_inprocess, tiny_models
     from compose3d.kernels.nerf import NeRF
     from compose3d.kernels.part_field import PartField
     from compose3d.kernels.part_maps import PartMaps
+    from compose3d.kernels.score_mixing import LambdaSchedule
 
     model, clip, vae = load_mvdream(str(tiny_models.path("checkpoints", tiny_models.mvdream_checkpoint)))
     with torch.inference_mode():
@@ -94,6 +95,7 @@ def test_sockets_take_real_values_and_refuse_others(comfy_inprocess, tiny_models
         "C3D_PART_FIELD": PartField.on_geometry(nerf, ("a", "b")),
         "IMAGE": torch.rand(2, 8, 8, 3), "MASK": torch.rand(2, 8, 8), "CONDITIONING": conditioning,
         "CLIP": clip, "VAE": vae, "MODEL": model,
+        "C3D_LAMBDA_SCHEDULE": LambdaSchedule("linear", 0.3, 0.9), "LATENT": {"samples": torch.zeros(4, 4, 8, 8)},
     }
     assert set(good) == set(SOCKETS)
     for io_type, socket in SOCKETS.items():
@@ -108,6 +110,10 @@ def test_sockets_take_real_values_and_refuse_others(comfy_inprocess, tiny_models
     nan_image[0, 1, 2, 0] = math.nan
     assert SOCKETS["IMAGE"].check(nan_image) == "got an image batch holding NaN or infinite values"
     assert SOCKETS["MASK"].check(torch.full((1, 4, 4), math.inf)) == "got a mask holding NaN or infinite values"
+    assert SOCKETS["LATENT"].check({"samples": torch.full((1, 4, 8, 8), math.nan)}) == \
+        "got a latent holding NaN, infinite or non-float values"
+    assert SOCKETS["LATENT"].check({"samples": torch.zeros(4, 8, 8)}) == \
+        "got a latent of shape (4, 8, 8); image latents are (B, C, H, W)"
     assert SOCKETS["CONDITIONING"].check([["text", {}]]).startswith("got a list holding")
     nan_maps = PartMaps(torch.rand(2, 3, 8, 8), rig, ("a", "b", "c"), "exact")
     nan_maps.maps[0, 1, 2, 3] = math.nan
