@@ -45,7 +45,7 @@ def use_folders(models: Path, output: Path, temp: Path, inputs: Path) -> None:
     init_comfy()
     import folder_paths
 
-    for kind in ("checkpoints", "diffusion_models", "vae", "text_encoders", "loras", "clip_vision"):
+    for kind in ("checkpoints", "diffusion_models", "vae", "text_encoders", "loras", "clip_vision", "ipadapter"):
         (models / kind).mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(kind, str(models / kind), is_default=True)
     for d in (output, temp, inputs):

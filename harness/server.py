@@ -19,7 +19,7 @@ from typing import Any
 
 import websocket
 
-MODEL_FOLDERS = ("checkpoints", "diffusion_models", "vae", "text_encoders", "loras", "clip_vision")
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "vae", "text_encoders", "loras", "clip_vision", "ipadapter")
 
 
 class PromptRejected(Exception):

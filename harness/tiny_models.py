@@ -86,6 +86,63 @@ def sd_unet_state_dict(*, context_dim: int, use_linear_in_transformer: bool, num
     return fill_seeded(sd, seed)
 
 
+#: The IP-Adapter test UNet's shape (ComfyUI UNetModel arguments): SD1.5's 320 channels (so ComfyUI detects it
+#: as SD1.5), two levels, a transformer at every input, output and middle position: 7 cross-attention layers.
+SD15_IP_UNET_SHAPE = dict(model_channels=320, channel_mult=[1, 1], num_res_blocks=[1, 1], transformer_depth=[1, 1],
+                          transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1])
+SD15_IP_CROSS_ATTENTION_LAYERS = 7
+
+
+def sd15_ip_unet_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """An SD1.5 UNet (LDM key layout) with a middle block: :data:`SD15_IP_UNET_SHAPE`, 8 heads, 768-wide context,
+    convolution projections (about 30 M parameters). Its cross-attention layers, in diffusers' processor order
+    (down, up, mid), are input blocks 1, 3, output blocks 0-3 and the middle block."""
+    _comfy_ready()
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with torch.device("meta"):
+        unet = UNetModel(image_size=32, in_channels=4, out_channels=4, context_dim=768, use_spatial_transformer=True,
+                         use_linear_in_transformer=False, num_heads=8, legacy=False,
+                         operations=comfy.ops.disable_weight_init, **SD15_IP_UNET_SHAPE)
+    sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in unet.state_dict().items()}
+    return fill_seeded(sd, seed)
+
+
+def ip_adapter_state_dict(layer_widths: list[int], *, embed_dim: int, cross_dim: int = 768, tokens: int = 4,
+                          seed: int) -> dict[str, torch.Tensor]:
+    """An IP-Adapter (basic) in the released safetensors layout: ``image_proj.proj`` (tokens * cross_dim, embed_dim),
+    ``image_proj.norm`` (cross_dim) and ``ip_adapter.{2 i + 1}.to_k_ip/to_v_ip.weight`` (width_i, cross_dim) for
+    the i-th cross-attention layer in diffusers' processor order (``layer_widths``). Every layer's weights differ,
+    so a wrong layer mapping changes the result."""
+    shapes = {"image_proj.proj.weight": (tokens * cross_dim, embed_dim), "image_proj.proj.bias": (tokens * cross_dim,),
+              "image_proj.norm.weight": (cross_dim,), "image_proj.norm.bias": (cross_dim,)}
+    for i, width in enumerate(layer_widths):
+        shapes[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = (width, cross_dim)
+        shapes[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = (width, cross_dim)
+    return fill_seeded({k: torch.empty(s) for k, s in shapes.items()}, seed)
+
+
+def clip_vision_vitl_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """A CLIP ViT-L/14 image encoder (HF ``CLIPVisionModelWithProjection`` layout, ComfyUI's ``clip_vision`` files)
+    with random weights. ComfyUI builds image encoders from fixed configs, so it is real-size: 303 M parameters,
+    606 MB in float16; ``image_embeds`` are 768 wide."""
+    _comfy_ready()
+    import json
+    import os
+
+    import comfy.clip_model
+    import comfy.ops
+
+    with open(os.path.join(os.path.dirname(comfy.clip_model.__file__), "clip_vision_config_vitl.json")) as f:
+        config = json.load(f)
+    with torch.device("meta"):
+        model = comfy.clip_model.CLIPVisionModelProjection(config, torch.float32, "meta",
+                                                           comfy.ops.disable_weight_init)
+    sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
+    return fill_seeded(sd, seed)
+
+
 def mmdit_state_dict(*, depth: int, seed: int, pos_embed_max_size: int = 16) -> dict[str, torch.Tensor]:
     """An SD3 MMDiT (hidden size 64 * depth, ``depth`` joint blocks) in the SD3 key layout."""
     _comfy_ready()
@@ -239,8 +296,17 @@ class TinyModels:
     sd3_diffusion_model: str = "tiny_sd3_mmdit.safetensors"
     mvdream_checkpoint: str = "tiny_mvdream_sd21.safetensors"
     #: An SD1.5 checkpoint with its text encoder (a real-size CLIP-L, as ComfyUI builds CLIP-L from a fixed
-    #: config): the 2D model of mixed-score sampling, loaded by core CheckpointLoaderSimple with a working CLIP.
+    #: config) and a UNet with a middle block (:data:`SD15_IP_UNET_SHAPE`): the 2D model of mixed-score sampling
+    #: and Make-Your-3D, loaded by core CheckpointLoaderSimple with a working CLIP.
     sd15_2d_checkpoint: str = "tiny_sd15_2d.safetensors"
+    #: MVDream sd-v1.5-4view in the released layout, its UNet shaped like ``sd15_2d_checkpoint``'s (768-wide
+    #: context, 3-layer 768-wide CLIP-L text encoder): the multi-view model of Make-Your-3D.
+    mvdream_sd15_checkpoint: str = "tiny_mvdream_sd15.safetensors"
+    #: An IP-Adapter file (basic layout, 4 tokens) for the UNets of ``sd15_2d_checkpoint`` and
+    #: ``mvdream_sd15_checkpoint`` (7 cross-attention layers, the middle block's included) and a ViT-L image encoder.
+    ip_adapter: str = "tiny_ip_adapter_sd15.safetensors"
+    #: A real-size CLIP ViT-L/14 image encoder (606 MB): written on first use by :func:`build_clip_vision`.
+    clip_vision: str = "tiny_clip_vision_vitl.safetensors"
 
     def path(self, folder: str, name: str) -> Path:
         return self.root / folder / name
@@ -266,8 +332,7 @@ def build_tiny_models(models_root: Path) -> TinyModels:
     save_file(sd3, tm.path("checkpoints", tm.sd3_checkpoint), metadata={"compose3d": "tiny sd3 test model"})
     del sd3
 
-    sd15_2d = prefixed(UNET_PREFIX, sd_unet_state_dict(context_dim=768, use_linear_in_transformer=False,
-                                                       num_heads=8, seed=152))
+    sd15_2d = prefixed(UNET_PREFIX, sd15_ip_unet_state_dict(seed=152))
     sd15_2d.update(prefixed(VAE_PREFIX, taesd_state_dict(4, seed=1504)))  # the same VAE as the SD1.5 above
     sd15_2d.update(prefixed(SD15_CLIP_PREFIX, {k: v for k, v in clip_l.items() if k.startswith("text_model.")}))
     save_file(sd15_2d, tm.path("checkpoints", tm.sd15_2d_checkpoint),
@@ -276,7 +341,28 @@ def build_tiny_models(models_root: Path) -> TinyModels:
 
     mv = mvdream_checkpoint_state_dict("sd21", seed=21)
     save_file(mv, tm.path("checkpoints", tm.mvdream_checkpoint), metadata={"compose3d": "tiny mvdream test model"})
+    mv15 = mvdream_checkpoint_state_dict("sd15", seed=1515, shape=SD15_IP_UNET_SHAPE, text_width=768)
+    save_file(mv15, tm.path("checkpoints", tm.mvdream_sd15_checkpoint),
+              metadata={"compose3d": "tiny mvdream sd15 test model"})
+    del mv, mv15
+
+    (models_root / "ipadapter").mkdir(parents=True, exist_ok=True)
+    adapter = ip_adapter_state_dict([320] * SD15_IP_CROSS_ATTENTION_LAYERS, embed_dim=768, seed=1507)
+    save_file(adapter, tm.path("ipadapter", tm.ip_adapter), metadata={"compose3d": "tiny ip-adapter"})
     return tm
+
+
+def build_clip_vision(tm: TinyModels) -> Path:
+    """Write the real-size random ViT-L image encoder into ``clip_vision/`` (once; about 10 s) and return its
+    path."""
+    path = tm.path("clip_vision", tm.clip_vision)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        save_file(clip_vision_vitl_state_dict(seed=1400), str(partial),
+                  metadata={"compose3d": "random clip vision vit-l"})
+        partial.rename(path)
+    return path
 
 
 def file_digest(path: Path) -> str:

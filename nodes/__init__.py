@@ -6,6 +6,8 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .cameras import CombineCameras, OrbitCameras, PreviewCameras, SDSCameras
+from .ip_adapter import ApplyIPAdapter, IPAdapterLoader
+from .make_your_3d import IdentityTuner, SubjectPriorTuner
 from .mesh import ExportMesh
 from .mixed_score import LambdaScheduleNode, MixedScoreGuiderNode, MixedScoreSampler
 from .mvdream import MVDreamConditioning, MVDreamLoader
@@ -40,6 +42,10 @@ NODES: list[type[io.ComfyNode]] = [
     PartMapsToMasks,
     PartMapsFromMasks,
     TestObjectPartMaps,
+    IPAdapterLoader,
+    ApplyIPAdapter,
+    IdentityTuner,
+    SubjectPriorTuner,
 ]
 
 

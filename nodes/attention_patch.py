@@ -60,6 +60,17 @@ def unet_transformer_blocks(diffusion_model) -> list[BlockKey]:
     return found
 
 
+def unet_transformer_block(diffusion_model, key: BlockKey):
+    """The ``BasicTransformerBlock`` at ``key`` (block name, number, index) of an SD-style UNet."""
+    name, number, index = key
+    block = diffusion_model.middle_block if name == "middle" else \
+        getattr(diffusion_model, f"{name}_blocks")[number]
+    for layer in block:
+        if isinstance(layer, SpatialTransformer):
+            return layer.transformer_blocks[index]
+    raise KeyError(f"no transformer block at {key}")
+
+
 def comfy_attention(q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
     """ComfyUI's own attention for a replace patch's arguments (what the layer runs when nothing is patched)."""
     return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),

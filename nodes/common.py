@@ -54,7 +54,34 @@ class Progress:
         self.total = total
         self.bar = comfy.utils.ProgressBar(total)
 
-    def update(self, value: int, preview: torch.Tensor | None = None) -> None:
+    def update(self, value: int, preview=None) -> None:
+        """Set the bar to ``value``; ``preview`` is an (H, W, 3) image or a ready ``(format, PIL, size)``."""
         check_interrupt()
-        shown = None if preview is None else ("JPEG", to_pil(preview), PREVIEW_MAX_PX)
+        shown = preview if preview is None or isinstance(preview, tuple) else \
+            ("JPEG", to_pil(preview), PREVIEW_MAX_PX)
         self.bar.update_absolute(value, self.total, shown)
+
+
+def progress_text(text: str) -> None:
+    """Show ``text`` under the running node in the ComfyUI frontend (e.g. a training's loss); no-op outside a
+    server run."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:
+        return
+    context = get_executing_context()
+    server = getattr(PromptServer, "instance", None)
+    if context is not None and server is not None:
+        server.send_progress_text(text, context.node_id)
+
+
+def latent_preview_image(model, latent: torch.Tensor):
+    """A ``("JPEG", PIL image, max size)`` preview of one (C, h, w) latent with ComfyUI's previewer for the
+    model's latent format (the user's preview method: latent2rgb or TAESD), or None when previews are off."""
+    import latent_preview
+
+    previewer = latent_preview.get_previewer(latent.device, model.model.latent_format)
+    if previewer is None:
+        return None
+    return previewer.decode_latent_to_preview_image("JPEG", latent[None].detach())

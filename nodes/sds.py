@@ -47,7 +47,7 @@ from .mvdream_model import MVDreamModel
 from .nerf import check_views, preview_render
 from .part_modulation import PartModulator
 from .tokens import PhraseWording, resolve_phrases
-from .training import encode_with_grad
+from .training import LoopSampler, encode_with_grad
 from .types import CAMERA_KEY, CATEGORY, SDS_REPORT_KEY, VIEWS_KEY, CamerasType, NeRFType, PartFieldType
 from .validation import Compose3DNode, InputError, file_name_input
 
@@ -206,19 +206,6 @@ class MVDreamPredictor:
         x0_cfg = comfy.samplers.cfg_function(self.model, out[0], out[1], self.guidance, x, timestep,
                                              self.model_options, cond, uncond)
         return x0_cfg, out[0]
-
-
-class SDSLoopSampler(comfy.samplers.Sampler):
-    """A ``comfy.samplers.Sampler`` whose ``sample`` runs the SDS loop instead of sampling (the guider has loaded
-    the models and processed the conditioning by then). Returns the latent unchanged."""
-
-    def __init__(self, body):
-        self.body = body
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        self.body(model_wrap, extra_args["model_options"])
-        return latent_image
 
 
 def part_preview(part_field: PartField, camera, size: int = PREVIEW_SIZE) -> torch.Tensor:
@@ -393,7 +380,7 @@ def optimise(model, vae, positive, negative, nerf: NeRF, run_in: RunInputs, prog
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     try:
-        guider.sample(latent, latent, SDSLoopSampler(body), torch.tensor([1.0, 0.0]), seed=s.seed)
+        guider.sample(latent, latent, LoopSampler(body), torch.tensor([1.0, 0.0]), seed=s.seed)
     except comfy.model_management.InterruptProcessingException:
         report.interrupted = True
         if run_in.checkpoint_every:

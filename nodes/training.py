@@ -1,4 +1,5 @@
-"""Training glue on the ComfyUI side: gradients through weights ComfyUI loaded, and VAE encoding with gradients.
+"""Training glue on the ComfyUI side: gradients through weights ComfyUI loaded, VAE encoding with gradients, and
+running a training loop where ComfyUI's sampling would run (so model management, patches and wrappers apply).
 
 ComfyUI runs every prompt under ``torch.inference_mode()``, so the weights it loads during a prompt are inference
 tensors, which autograd refuses to save for a backward pass. Training code enters ``torch.inference_mode(False)``
@@ -10,6 +11,12 @@ and lets the frozen weights take part in autograd through:
   buffers such as TAESD's ``vae_scale``): ordinary copies stand in for them while the context is open.
 
 :func:`encode_with_grad` encodes images with a ComfyUI VAE so that gradients reach the pixels (SDS on latents).
+
+:func:`run_loop` runs a loop body as a ``comfy.samplers.Sampler`` inside a ``CFGGuider`` (as core's LoRA training
+does): the guider loads the MODEL and its additional models, registers hooks and wrappers, and cleans up after.
+:func:`trainable` opens the autograd context for a diffusion model's forward and backward passes;
+:func:`positive_conds` and :func:`denoising_loss` are the standard diffusion fine-tuning step through ComfyUI's
+own conditioning and batching code (``encode_model_conds``, ``calc_cond_batch``).
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ import torch
 from torch import Tensor
 
 import comfy.model_management
+import comfy.sampler_helpers
+import comfy.samplers
 
 from ..kernels.checks import check_shape
 
@@ -139,3 +148,69 @@ def encode_with_grad(vae, images: Tensor, model=None, generator: torch.Generator
         if model is not None:
             latents = model.model.process_latent_in(latents)
     return latents
+
+
+# ------------------------------------------------------------------------------------------ training loops
+
+class LoopSampler(comfy.samplers.Sampler):
+    """A ``comfy.samplers.Sampler`` whose ``sample`` runs ``body(model_wrap, model_options)`` instead of sampling
+    (the guider has loaded the models and processed the conditioning by then). Returns the latent unchanged."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        self.body(model_wrap, extra_args["model_options"])
+        return latent_image
+
+
+def run_loop(patcher, positive, negative, latent: Tensor, body, seed: int) -> None:
+    """Run ``body(guider_model, model_options)`` with ``patcher`` (and its additional models) loaded by ComfyUI,
+    as a CFGGuider would sample: ``guider_model.inner_model`` is the BaseModel and ``model_options`` the run's
+    options (patches, wrappers). ``latent`` (B, C, h, w) only sizes the memory ComfyUI frees for the run."""
+    guider = comfy.samplers.CFGGuider(patcher)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(1.0)
+    guider.sample(latent, latent, LoopSampler(body), torch.tensor([1.0, 0.0]), seed=seed)
+
+
+@contextlib.contextmanager
+def trainable(diffusion_model: torch.nn.Module):
+    """Autograd for forward and backward passes through ``diffusion_model`` inside a prompt: leaves inference
+    mode, enables gradients and lets autograd save the frozen weights (:func:`autograd_weights`,
+    :func:`autograd_tensors`). Gradients reach only tensors that require them (the trained parameters)."""
+    with torch.inference_mode(False), torch.enable_grad(), autograd_weights(diffusion_model), \
+            autograd_tensors(diffusion_model):
+        yield
+
+
+def positive_conds(model, context: Tensor, x: Tensor, extra: dict | None = None) -> list[dict]:
+    """Processed conditioning for one ``calc_cond_batch`` call: text ``context`` (B or 1, L, C) as a CONDITIONING
+    entry with ``extra`` keys (e.g. MVDream cameras), turned into model inputs by the model's own ``extra_conds``
+    for the batch ``x`` (B, C, h, w). A context with B rows conditions each sample on its own row."""
+    entries = comfy.sampler_helpers.convert_cond([[context, dict(extra or {})]])
+    return comfy.samplers.encode_model_conds(model.extra_conds, entries, x, x.device, "positive")
+
+
+def denoising_loss(model, model_options: dict, conds: list[dict], x0: Tensor, noise: Tensor,
+                   sigmas: Tensor) -> tuple[Tensor, Tensor]:
+    """The diffusion training loss of one batch: MSE between the noise and the model's noise prediction.
+
+    Args:
+        model: the BaseModel (``guider_model.inner_model``).
+        conds: from :func:`positive_conds` for this batch.
+        x0: (B, C, h, w) clean latents in the model's latent space; noise: same shape, N(0, 1).
+        sigmas: (B,) noise levels (``model.model_sampling.sigma(t)``).
+
+    Returns:
+        (loss, denoised): the scalar loss (differentiable inside :func:`trainable`) and the (B, C, h, w) x0
+        prediction. ``x_t = noise_scaling(sigma, noise, x0)``; the noise prediction is
+        ``(x_t - denoised) / sigma`` (for eps models exactly the UNet's output), so every prediction type trains
+        on the same eps objective.
+    """
+    sampling = model.model_sampling
+    xt = sampling.noise_scaling(sigmas.view(-1, 1, 1, 1), noise, x0)
+    denoised = comfy.samplers.calc_cond_batch(model, [conds], xt, sigmas, model_options)[0]
+    eps = (xt - denoised) / sigmas.view(-1, 1, 1, 1)
+    return torch.nn.functional.mse_loss(eps.float(), noise.float()), denoised

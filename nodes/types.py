@@ -23,6 +23,9 @@ PartFieldType = io.Custom("C3D_PART_FIELD")
 #: :class:`kernels.score_mixing.LambdaSchedule`
 LambdaScheduleType = io.Custom("C3D_LAMBDA_SCHEDULE")
 
+#: :class:`kernels.ip_adapter.IPAdapter`
+IPAdapterType = io.Custom("C3D_IP_ADAPTER")
+
 #: CONDITIONING key holding the (V, 16) MVDream camera vectors of one object's V views
 #: (attached by ``Compose3D_MVDreamConditioning``, read by the MVDream model and the samplers).
 CAMERA_KEY = "c3d_mvdream_cameras"
@@ -40,3 +43,6 @@ REFOCUS_REPORT_KEY = "c3d_refocus_report"
 #: MODEL option (``model.model_options[SDS_REPORT_KEY] = fn``): the SDS optimiser calls ``fn(report)`` with each run's
 #: :class:`kernels.distill.SDSReport` (benchmarks read the per-phase timings this way).
 SDS_REPORT_KEY = "c3d_sds_report"
+#: MODEL option (``model.model_options[TUNING_REPORT_KEY] = fn``): the Make-Your-3D tuners call ``fn(report)`` with
+#: each run's :class:`nodes.make_your_3d.TuningReport` (losses, timings, peak memory; tests and benchmarks read it).
+TUNING_REPORT_KEY = "c3d_tuning_report"

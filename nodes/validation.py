@@ -37,6 +37,7 @@ import torch
 from comfy_api.latest import io
 
 from ..kernels.cameras import Cameras
+from ..kernels.ip_adapter import IPAdapter
 from ..kernels.checks import check_choice, check_file_name
 from ..kernels.nerf import NeRF
 from ..kernels.part_field import PartField
@@ -128,6 +129,16 @@ def _latent(value) -> str | None:
     return None
 
 
+def _clip_vision_output(value) -> str | None:
+    """CLIP_VISION_OUTPUT: ComfyUI's clip_vision.Output with finite (B, E) ``image_embeds``."""
+    embeds = getattr(value, "image_embeds", None)
+    if not isinstance(embeds, torch.Tensor):
+        return f"got {_describe(value)}"
+    if embeds.ndim != 2 or 0 in embeds.shape or not bool(torch.isfinite(embeds).all()):
+        return f"got image embeddings of shape {tuple(embeds.shape)} (expected finite (B, E))"
+    return None
+
+
 def _comfy_class(module: str, name: str) -> Callable[[], type]:
     def get() -> type:
         import importlib
@@ -157,6 +168,11 @@ SOCKETS: dict[str, Socket] = {
     "VAE": Socket("a VAE (e.g. from a checkpoint loader)", _instance_of(_comfy_class("comfy.sd", "VAE"))),
     "MODEL": Socket("a MODEL (e.g. from a checkpoint loader)",
                     _instance_of(_comfy_class("comfy.model_patcher", "ModelPatcher"))),
+    "C3D_IP_ADAPTER": Socket("an image-prompt adapter (e.g. from Load IP-Adapter)",
+                             _instance_of(lambda: IPAdapter)),
+    "CLIP_VISION": Socket("a CLIP vision model (e.g. from Load CLIP Vision)",
+                          _instance_of(_comfy_class("comfy.clip_vision", "ClipVisionModel"))),
+    "CLIP_VISION_OUTPUT": Socket("a CLIP vision output (e.g. from CLIP Vision Encode)", _clip_vision_output),
 }
 
 
