@@ -305,7 +305,7 @@ class TinyModels:
     #: An IP-Adapter file (basic layout, 4 tokens) for the UNets of ``sd15_2d_checkpoint`` and
     #: ``mvdream_sd15_checkpoint`` (7 cross-attention layers, the middle block's included) and a ViT-L image encoder.
     ip_adapter: str = "tiny_ip_adapter_sd15.safetensors"
-    #: A real-size CLIP ViT-L/14 image encoder (606 MB): written on first use by :func:`build_clip_vision`.
+    #: A real-size CLIP ViT-L/14 image encoder with random weights (606 MB; :func:`build_clip_vision`).
     clip_vision: str = "tiny_clip_vision_vitl.safetensors"
 
     def path(self, folder: str, name: str) -> Path:
@@ -313,7 +313,8 @@ class TinyModels:
 
 
 def build_tiny_models(models_root: Path) -> TinyModels:
-    """Write every tiny model into ``models_root/<folder>/`` (checkpoints, diffusion_models)."""
+    """Write every tiny model into ``models_root/<folder>/`` (checkpoints, diffusion_models, ipadapter,
+    clip_vision)."""
     tm = TinyModels(models_root)
     (models_root / "checkpoints").mkdir(parents=True, exist_ok=True)
     (models_root / "diffusion_models").mkdir(parents=True, exist_ok=True)
@@ -349,11 +350,12 @@ def build_tiny_models(models_root: Path) -> TinyModels:
     (models_root / "ipadapter").mkdir(parents=True, exist_ok=True)
     adapter = ip_adapter_state_dict([320] * SD15_IP_CROSS_ATTENTION_LAYERS, embed_dim=768, seed=1507)
     save_file(adapter, tm.path("ipadapter", tm.ip_adapter), metadata={"compose3d": "tiny ip-adapter"})
+    build_clip_vision(tm)
     return tm
 
 
 def build_clip_vision(tm: TinyModels) -> Path:
-    """Write the real-size random ViT-L image encoder into ``clip_vision/`` (once; about 10 s) and return its
+    """Write the real-size random ViT-L image encoder into ``clip_vision/`` (once; about 5 s) and return its
     path."""
     path = tm.path("clip_vision", tm.clip_vision)
     if not path.exists():

@@ -222,3 +222,140 @@ def test_hand_check_middle_block(adapted_unet, adapter_sd):
     assert rel_err(got, expected(MID_FILE_INDEX, hand_image_tokens(adapter_sd, image_embeds, True))) > 1e-3
     # and the image branch is not negligible at this layer
     assert rel_err(got, expected(MID_FILE_INDEX, tokens, scale=0.0)) > 1e-2
+
+
+# ------------------------------------------------------------------------ the pack's node against the oracle
+
+def pack_eps_and_attn2(model, x: torch.Tensor, sigma: float, context: torch.Tensor, negative: torch.Tensor):
+    """The (cond, uncond) eps of ``model`` at sigma through ComfyUI's batched ``calc_cond_batch`` (cond and
+    uncond in one batch, as sampling runs them) and every attn2 layer's output (after ``to_out``; a replace patch
+    skips ``attn2.forward``) in execution order, each (2B, L, C) reordered so that the cond half comes first
+    (ComfyUI batches them in the order ``transformer_options["cond_or_uncond"]`` says)."""
+    import comfy.model_management
+    import comfy.sampler_helpers
+    import comfy.samplers
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    outputs, order = [], []
+    blocks = [m for m in model.model.diffusion_model.modules() if isinstance(m, BasicTransformerBlock)]
+    handles = [b.attn2.to_out.register_forward_hook(lambda _m, _a, out: outputs.append(out.clone()))
+               for b in blocks]
+
+    def unet_wrapper(apply_model, args):
+        order.append(list(args["c"]["transformer_options"]["cond_or_uncond"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model = model.clone()
+    model.set_model_unet_function_wrapper(unet_wrapper)
+    try:
+        with torch.inference_mode():
+            comfy.model_management.load_models_gpu([model])
+            conds = [comfy.samplers.encode_model_conds(model.model.extra_conds,
+                                                       comfy.sampler_helpers.convert_cond([[c, {}]]), x, x.device,
+                                                       kind) for c, kind in ((context, "positive"),
+                                                                             (negative, "negative"))]
+            s = torch.full((x.shape[0],), sigma)
+            model.pre_run()  # what a sampling run does first (the model's current patcher)
+            denoised = comfy.samplers.calc_cond_batch(model.model, conds, x, s, model.model_options)
+    finally:
+        model.cleanup()
+        for h in handles:
+            h.remove()
+    assert sorted(order[0]) == [0, 1] and len(order) == 1  # one batched call of cond and uncond
+    if order[0] == [1, 0]:
+        outputs = [torch.cat(out.chunk(2)[::-1]) for out in outputs]
+    return [((x - d) / sigma).clone() for d in denoised], outputs
+
+
+@pytest.fixture(scope="module")
+def pack_adapter(comfy_inprocess, tiny_models):
+    from harness.inprocess import run_node
+
+    from compose3d.nodes.ip_adapter import IPAdapterLoader
+
+    return run_node(IPAdapterLoader, ipadapter_name=tiny_models.ip_adapter).result[0]
+
+
+def clip_vision_output(embeds: torch.Tensor):
+    from comfy.clip_vision import Output
+
+    out = Output()
+    out["image_embeds"] = embeds
+    return out
+
+
+def test_pack_image_prompt_equals_diffusers(comfy_model, adapted_unet, pack_adapter):
+    """Compose3D_ApplyIPAdapter on ComfyUI's model = diffusers' IP-Adapter on the same weights, file and image
+    embedding: the guided pair (cond with the image, uncond with diffusers' zero negative embedding) and every
+    cross-attention layer's output, the middle block's included."""
+    from harness.inprocess import run_node
+
+    from compose3d.nodes.ip_adapter import ApplyIPAdapter
+
+    x, context, _ = inputs(2)
+    negative = torch.randn(context.shape, generator=torch.Generator().manual_seed(7))
+    embed = torch.randn(1, WIDTH, generator=torch.Generator().manual_seed(8))
+    sigma = comfy_sigma(comfy_model, TIMESTEP)
+    x = x * sigma
+    patched = run_node(ApplyIPAdapter, model=comfy_model, ipadapter=pack_adapter,
+                       clip_vision_output=clip_vision_output(embed), weight=SCALE).result[0]
+    (eps_c, eps_u), layers = pack_eps_and_attn2(patched, x, sigma, context, negative)
+
+    x_in, t = comfy_unet_input(comfy_model, x, sigma)
+    want_c, attn_c = diffusers_eps(adapted_unet, x_in, t, context, embed.expand(BATCH, -1), capture=True)
+    want_u, attn_u = diffusers_eps(adapted_unet, x_in, t, negative, torch.zeros(BATCH, WIDTH), capture=True)
+    assert rel_err(eps_c, want_c) < REL_TOL, rel_err(eps_c, want_c)
+    assert rel_err(eps_u, want_u) < REL_TOL, rel_err(eps_u, want_u)
+    assert len(layers) == 7
+    for i, got in enumerate(layers):
+        want = torch.cat([attn_c[i], attn_u[i]])
+        assert rel_err(got, want) < REL_TOL, (i, rel_err(got, want))
+
+    # The adapter is not a no-op, and the input MODEL is unchanged (the patches live on a clone).
+    (plain_c, _), _ = pack_eps_and_attn2(comfy_model, x, sigma, context, negative)
+    assert rel_err(plain_c, want_c) > 1e-2
+
+
+def test_execution_order_mapping_fails_the_oracle(comfy_model, adapted_unet, pack_adapter):
+    """The deliberately broken variant: adapter layers mapped in execution order (the middle block between the
+    input and output blocks, as it runs) instead of diffusers' processor order. The middle block and the output
+    blocks then get other layers' weights, and the oracle sees it."""
+    from compose3d.nodes.attention_patch import unet_transformer_blocks
+    from compose3d.nodes.ip_adapter import apply_image_prompt, image_prompt
+
+    x, context, _ = inputs(3)
+    embed = torch.randn(1, WIDTH, generator=torch.Generator().manual_seed(9))
+    sigma = comfy_sigma(comfy_model, TIMESTEP)
+    x = x * sigma
+    execution = unet_transformer_blocks(comfy_model.model.diffusion_model)
+    assert execution[2][0] == "middle"
+    broken = apply_image_prompt(comfy_model, image_prompt(pack_adapter, embed, SCALE), execution)
+    (eps_c, _), layers = pack_eps_and_attn2(broken, x, sigma, context, context)
+    x_in, t = comfy_unet_input(comfy_model, x, sigma)
+    want_c, attn_c = diffusers_eps(adapted_unet, x_in, t, context, embed.expand(BATCH, -1), capture=True)
+    assert rel_err(layers[0][:BATCH], attn_c[0]) < REL_TOL  # the input blocks are mapped alike
+    assert rel_err(layers[MID_EXEC_INDEX][:BATCH], attn_c[MID_EXEC_INDEX]) > 1e-3
+    assert rel_err(eps_c, want_c) > 1e-3
+
+
+def test_weight_zero_is_the_plain_model_and_images_prompt_together(comfy_model, pack_adapter):
+    from harness.inprocess import run_node
+
+    from compose3d.nodes.ip_adapter import ApplyIPAdapter
+
+    x, context, _ = inputs(4)
+    sigma = comfy_sigma(comfy_model, TIMESTEP)
+    embeds = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(10))
+    off = run_node(ApplyIPAdapter, model=comfy_model, ipadapter=pack_adapter,
+                   clip_vision_output=clip_vision_output(embeds), weight=0.0).result[0]
+    (plain, _), _ = pack_eps_and_attn2(comfy_model, x * sigma, sigma, context, context)
+    (got, _), _ = pack_eps_and_attn2(off, x * sigma, sigma, context, context)
+    assert torch.equal(got, plain)
+
+    # Two images: 2 x 4 image tokens in one softmax (as diffusers with num_images = 2).
+    on = run_node(ApplyIPAdapter, model=comfy_model, ipadapter=pack_adapter,
+                  clip_vision_output=clip_vision_output(embeds), weight=SCALE).result[0]
+    prompt_tokens = [p for p in on.model_options["transformer_options"]["patches_replace"]["attn2"].values()]
+    assert len(prompt_tokens) == 7
+    from compose3d.nodes.ip_adapter import image_prompt
+    assert image_prompt(pack_adapter, embeds, SCALE).cond.shape == (1, 8, WIDTH)
