@@ -7,6 +7,7 @@ within a fraction of a second even when one step takes minutes.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, TypeVar
 
 import torch
@@ -45,6 +46,44 @@ def interruptible(fn: Callable[..., T]) -> Callable[..., T]:
         check_interrupt()
         return fn(*args, **kwargs)
     return checked
+
+
+def interrupt_point(h, transformer_options):
+    """UNet input-block patch that changes nothing and raises if the user pressed Cancel (so a Cancel is answered
+    within one UNet block, not one model call: a training step or a big batch takes long)."""
+    check_interrupt()
+    return h
+
+
+def interrupt_point_skip(h, skip, transformer_options):
+    """UNet output-block patch that changes nothing and raises if the user pressed Cancel."""
+    check_interrupt()
+    return h, skip
+
+
+@contextlib.contextmanager
+def interrupt_hooks(module: torch.nn.Module, layer_type: type | tuple[type, ...] | None = None):
+    """While open, every forward call of ``module``'s sub-modules of ``layer_type`` (default: every child of every
+    ``nn.ModuleList``, e.g. a transformer's layers) first checks for Cancel: long forward passes of models that
+    have no block patches (image encoders) answer within one layer."""
+    if layer_type is None:
+        layers = [m for lst in module.modules() if isinstance(lst, torch.nn.ModuleList) for m in lst]
+    else:
+        layers = [m for m in module.modules() if isinstance(m, layer_type)]
+    handles = [m.register_forward_pre_hook(lambda _m, _args: check_interrupt()) for m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def with_interrupt_points(model):
+    """A clone of an SD-style UNet MODEL with :func:`interrupt_point` patches on every input and output block."""
+    patched = model.clone()
+    patched.set_model_input_block_patch(interrupt_point)
+    patched.set_model_output_block_patch(interrupt_point_skip)
+    return patched
 
 
 class Progress:

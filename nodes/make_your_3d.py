@@ -43,7 +43,8 @@ from comfy_api.latest import io
 from ..kernels.augment import augment_views
 from ..kernels.ip_adapter import IPAdapter
 from ..kernels.training import ParamGroup, Step, StepDone, TrainingState, make_optimizer, train
-from .common import Progress, check_interrupt, latent_preview_image, progress_text
+from .common import (Progress, check_interrupt, interrupt_hooks, latent_preview_image, progress_text,
+                     with_interrupt_points)
 from .ip_adapter import (OUTPUT_ADAPTERS, OUTPUT_LORAS, ImagePrompt, adapter_blocks, apply_image_prompt,
                          check_embeds, image_prompt, register_folders)
 from .mvdream_model import MVDreamModel
@@ -226,8 +227,9 @@ def view_prompts(prompt: str, lines: str, views: int) -> list[str]:
 
 def encode_images(clip_vision, images: Tensor) -> Tensor:
     """(N, H, W, 3) -> (N, E) ``image_embeds`` with the CLIP vision model (centre crop, as CLIP Vision Encode)."""
-    out = [clip_vision.encode_image(images[i:i + ENCODE_CHUNK]).image_embeds.float().cpu()
-           for i in range(0, images.shape[0], ENCODE_CHUNK)]
+    with interrupt_hooks(clip_vision.model):  # a ViT pass takes seconds on a CPU: answer Cancel per layer
+        out = [clip_vision.encode_image(images[i:i + ENCODE_CHUNK]).image_embeds.float().cpu()
+               for i in range(0, images.shape[0], ENCODE_CHUNK)]
     return torch.cat(out)
 
 
@@ -263,7 +265,7 @@ def tune_identity(model, adapter: IPAdapter, clip_vision, vae, clip, subject: Te
         tokens = tuned.image_tokens(embeds.to(device))  # (N * A, T, C): the projection is frozen
         blank = tuned.image_tokens(torch.zeros_like(embeds[:1]).to(device))
     prompt_state = ImagePrompt(tuned, tokens[:1], blank, float(weight))
-    patched = apply_image_prompt(model, prompt_state, blocks)
+    patched = with_interrupt_points(apply_image_prompt(model, prompt_state, blocks))
     run = Tuning("identity", model, steps, seed)
     count = tokens.shape[0]
     batch = min(batch, count)

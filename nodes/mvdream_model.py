@@ -45,7 +45,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..kernels.attention import sequence_to_views, views_to_sequence
 from .attention_patch import fold_views
-from .common import check_interrupt
+from .common import interrupt_point, interrupt_point_skip
 from .types import CAMERA_KEY, SINGLE_VIEW_OPTION, VIEWS_KEY, VIEWS_OPTION
 from .validation import ModelFileError, read_model_file
 
@@ -119,8 +119,8 @@ class MVDreamUNet(UNetModel):
         options[VIEWS_OPTION] = 1 if options.get(SINGLE_VIEW_OPTION) else int(num_views)
         patches = dict(options.get("patches", {}))
         # A Cancel is answered within one UNet block, not one sampling step (a step of a big batch takes long).
-        patches["input_block_patch"] = list(patches.get("input_block_patch", [])) + [_interrupt_point]
-        patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [_interrupt_point_skip]
+        patches["input_block_patch"] = list(patches.get("input_block_patch", [])) + [interrupt_point]
+        patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [interrupt_point_skip]
         if camera is not None:
             camera_emb = self.camera_embed(camera.to(x.dtype))
 
@@ -134,18 +134,6 @@ class MVDreamUNet(UNetModel):
             folded = {key: fold_views(patch) for key, patch in replace["attn1"].items()}
             options["patches_replace"] = {**replace, "attn1": folded}
         return super()._forward(x, timesteps, context, y, control, options, **kwargs)
-
-
-def _interrupt_point(h, transformer_options):
-    """UNet input-block patch that changes nothing and raises if the user pressed Cancel."""
-    check_interrupt()
-    return h
-
-
-def _interrupt_point_skip(h, skip, transformer_options):
-    """UNet output-block patch that changes nothing and raises if the user pressed Cancel."""
-    check_interrupt()
-    return h, skip
 
 
 class MVDreamModel(comfy.model_base.BaseModel):

@@ -47,6 +47,9 @@ FAST = {
     "Compose3D_TestObjectPartMaps": {"size": 16},
     "Compose3D_MixedScoreSampler": {"steps": 1},
     "Compose3D_ViewConsistency": {"steps": 2, "rays_per_step": 64, "samples_per_ray": 16},
+    "Compose3D_IdentityTuner": {"steps": 1, "batch_size": 1, "augmentations": 1,
+                                "filename_prefix": "c3d_bad_inputs/identity"},
+    "Compose3D_SubjectPriorTuner": {"steps": 1, "filename_prefix": "c3d_bad_inputs/subject_prior"},
 }
 
 #: Socket types a node gets from other providers than the shared ones (SD3 nodes need an SD3 model).
@@ -55,6 +58,9 @@ NODE_PROVIDERS = {
     # the multi-view model's conditionings carry cameras (the tiny MVDream stands in for the 2D model too)
     "Compose3D_MixedScoreGuider": {"CONDITIONING": "_mv_conditioning"},
     "Compose3D_MixedScoreSampler": {"CONDITIONING": "_mv_conditioning"},
+    # image prompts need an SD1.5-family UNet (the adapter's layers and 768-wide context)
+    "Compose3D_ApplyIPAdapter": {"MODEL": "_sd15_model"},
+    "Compose3D_IdentityTuner": {"MODEL": "_sd15_model", "CLIP": "_sd15_clip", "VAE": "_sd15_vae"},
 }
 
 
@@ -105,6 +111,10 @@ def _sd3(graph: Graph):
     return graph.g.node("CheckpointLoaderSimple", ckpt_name=graph.tiny_models.sd3_checkpoint)
 
 
+def _sd15(graph: Graph):
+    return graph.g.node("CheckpointLoaderSimple", ckpt_name=graph.tiny_models.sd15_2d_checkpoint)
+
+
 def _part_maps(graph: Graph):
     return graph.g.node("Compose3D_TestObjectPartMaps", cameras=graph.provide("C3D_CAMERAS"), size=16).out(0)
 
@@ -145,6 +155,15 @@ PROVIDERS: dict[str, Callable[[Graph], Any]] = {
     "C3D_LAMBDA_SCHEDULE": lambda graph: graph.g.node("Compose3D_LambdaSchedule", kind="linear", start=0.3, end=0.9,
                                                       points="").out(0),
     "LATENT": lambda graph: graph.g.node("EmptyLatentImage", width=64, height=64, batch_size=4).out(0),
+    "_sd15": _sd15,
+    "_sd15_model": lambda graph: graph.provide("_sd15").out(0),
+    "_sd15_clip": lambda graph: graph.provide("_sd15").out(1),
+    "_sd15_vae": lambda graph: graph.provide("_sd15").out(2),
+    "C3D_IP_ADAPTER": lambda graph: graph.g.node("Compose3D_IPAdapterLoader",
+                                                 ipadapter_name=graph.tiny_models.ip_adapter).out(0),
+    "CLIP_VISION": lambda graph: graph.g.node("CLIPVisionLoader", clip_name=graph.tiny_models.clip_vision).out(0),
+    "CLIP_VISION_OUTPUT": lambda graph: graph.g.node("CLIPVisionEncode", clip_vision=graph.provide("CLIP_VISION"),
+                                                     image=graph.provide("IMAGE"), crop="center").out(0),
 }
 
 
@@ -193,6 +212,8 @@ def build(node_id: str, info: dict, tiny_models, changes: dict[str, Callable[[Gr
             values[spec.name] = good_value(node_id, spec)
             if node_id == "Compose3D_MVDreamLoader" and spec.name == "ckpt_name":
                 values[spec.name] = tiny_models.mvdream_checkpoint
+            if node_id == "Compose3D_IPAdapterLoader" and spec.name == "ipadapter_name":
+                values[spec.name] = tiny_models.ip_adapter
         elif spec.required:
             values[spec.name] = graph.provide(NODE_PROVIDERS.get(node_id, {}).get(spec.io_type, spec.io_type))
     node = graph.g.node(node_id, **values)

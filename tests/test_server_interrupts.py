@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from comfy_execution.graph_utils import GraphBuilder
-from harness.interrupt import assert_server_still_serves, interrupt_after_start
+from harness.interrupt import assert_server_still_serves, interrupt_after_start, interrupt_at_first_progress
 
 pytestmark = pytest.mark.server
 
@@ -96,3 +96,46 @@ def test_cancel_inside_a_slow_mvdream_sampling_step_is_answered_within_a_second(
     assert_stopped_promptly(run, "KSampler", sampler.id)
     assert run.result.progress(sampler.id) == []  # inside the first step
     assert_server_still_serves(comfy_server, views=2, elevation=40.0)
+
+
+def tuning_sources(g: GraphBuilder, tiny_models, views: int = 4, size: int = 64):
+    cameras = orbit(g, views)
+    images = g.node("Compose3D_TestObjectViews", cameras=cameras.out(0), width=size, height=size,
+                    background="white")
+    return cameras, images
+
+
+def test_cancel_during_identity_tuning_is_answered_within_a_second(comfy_server, tiny_models):
+    g = GraphBuilder(prefix="")
+    _, images = tuning_sources(g, tiny_models, views=2)
+    sd15 = g.node("CheckpointLoaderSimple", ckpt_name=tiny_models.sd15_2d_checkpoint)
+    adapter = g.node("Compose3D_IPAdapterLoader", ipadapter_name=tiny_models.ip_adapter)
+    vision = g.node("CLIPVisionLoader", clip_name=tiny_models.clip_vision)
+    # several seconds of image encoding (a ViT-L pass per image), then a long training
+    tuner = g.node("Compose3D_IdentityTuner", model=sd15.out(0), ipadapter=adapter.out(0), clip_vision=vision.out(0),
+                   vae=sd15.out(2), clip=sd15.out(1), subject=images.out(0), views=images.out(0), prompt="a toy",
+                   view_prompts="front view", steps=100000, learning_rate=1e-4, batch_size=2, augmentations=2,
+                   weight=1.0, seed=0, filename_prefix="c3d_cancelled/identity")
+    g.node("PreviewAny", source=tuner.out(2))
+    run = interrupt_after_start(comfy_server, g.finalize(), tuner.id, DELAY, timeout=240)
+    assert_stopped_promptly(run, "Compose3D_IdentityTuner", tuner.id)
+    assert run.result.progress(tuner.id) == []  # inside the image encoding
+    run = interrupt_at_first_progress(comfy_server, g.finalize(), tuner.id, timeout=240)  # inside training
+    assert_stopped_promptly(run, "Compose3D_IdentityTuner", tuner.id)
+    assert not (comfy_server.base / "output" / "ipadapter" / "c3d_cancelled").exists()  # nothing half-written
+    assert_server_still_serves(comfy_server, views=3, elevation=35.0)
+
+
+def test_cancel_during_subject_prior_tuning_is_answered_within_a_second(comfy_server, tiny_models):
+    g = GraphBuilder(prefix="")
+    cameras, images = tuning_sources(g, tiny_models, views=8, size=128)
+    mv = g.node("Compose3D_MVDreamLoader", ckpt_name=tiny_models.mvdream_sd15_checkpoint)
+    tuner = g.node("Compose3D_SubjectPriorTuner", model=mv.out(0), vae=mv.out(2), clip=mv.out(1),
+                   images=images.out(0), cameras=cameras.out(0), prompt="a toy", steps=100000, learning_rate=1e-4,
+                   rank=8, alpha=8.0, views_per_step=8, normal_weight=0.5, seed=0,
+                   filename_prefix="c3d_cancelled/subject")
+    g.node("PreviewAny", source=tuner.out(1))
+    run = interrupt_at_first_progress(comfy_server, g.finalize(), tuner.id, timeout=240)
+    assert_stopped_promptly(run, "Compose3D_SubjectPriorTuner", tuner.id)
+    assert not (comfy_server.base / "output" / "loras" / "c3d_cancelled").exists()
+    assert_server_still_serves(comfy_server, views=7, elevation=10.0)
