@@ -115,7 +115,8 @@ def test_example_workflows_are_served_as_templates_with_thumbnails(comfy_server)
 
 #: Loader nodes whose files (real weights) the test machine does not have. Workflows using them run in their own
 #: tests with the tiny models substituted (test_server_mvdream.py for the MVDream ones).
-MODEL_LOADERS = {"Compose3D_MVDreamLoader", "CheckpointLoaderSimple", "UNETLoader"}
+MODEL_LOADERS = {"Compose3D_MVDreamLoader", "CheckpointLoaderSimple", "UNETLoader", "CLIPVisionLoader",
+                 "Compose3D_IPAdapterLoader"}
 
 
 def runs_as_shipped(path: Path) -> bool:
@@ -131,6 +132,7 @@ RUN_WITH_TINY_MODELS = {
     "compose3d_dreambeast": "tests/test_server_sds.py",
     "compose3d_mixed_score_4views": "tests/test_server_mixed.py",
     "compose3d_mixed_score_text_to_3d": "tests/test_server_mixed.py",
+    "compose3d_make_your_3d": "tests/test_server_make_your_3d.py",
 }
 
 
