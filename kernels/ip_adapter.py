@@ -186,7 +186,8 @@ class IPAdapter(nn.Module):
 
     def keys_values(self, index: int, tokens: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """Layer ``index``'s image keys and values for (B, L, C) tokens: two (B, L, W_index) tensors, computed
-        in ``dtype`` (default: the tokens'), on the tokens' device; differentiable w.r.t. the layer's weights."""
+        in ``dtype`` (default: the tokens'), on the tokens' device. The weights are cast at each call (a few MB for
+        SD1.5: no device copy is kept), differentiably, so a training's gradients reach the parameters."""
         dtype = tokens.dtype if dtype is None else dtype
         wk = self.to_k_ip[index].weight.to(tokens.device, dtype)
         wv = self.to_v_ip[index].weight.to(tokens.device, dtype)

@@ -21,7 +21,7 @@ Folders: adapters are read from the ``ipadapter`` models folder (registered here
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -72,7 +72,6 @@ class ImagePrompt:
     cond: Tensor
     uncond: Tensor
     weight: float
-    _weights: dict = field(default_factory=dict, repr=False)
 
     def tokens_for(self, batch: int, extra_options: dict, device, dtype) -> Tensor:
         """(batch, L, C) tokens for a patch call: chunk by chunk from ``cond_or_uncond`` when ComfyUI gives it."""
@@ -88,19 +87,6 @@ class ImagePrompt:
             rows.append(tokens.expand(per, -1, -1))
         return torch.cat(rows).to(device, dtype)
 
-    def keys_values(self, index: int, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Layer ``index``'s image keys and values; frozen weights are cast once per device and dtype."""
-        layer_k, layer_v = self.adapter.to_k_ip[index].weight, self.adapter.to_v_ip[index].weight
-        if layer_k.requires_grad:  # training: use the live parameters (differentiable casts)
-            wk, wv = layer_k.to(tokens.device, tokens.dtype), layer_v.to(tokens.device, tokens.dtype)
-        else:
-            key = (index, tokens.device, tokens.dtype)
-            if key not in self._weights:
-                self._weights[key] = (layer_k.detach().to(tokens.device, tokens.dtype),
-                                      layer_v.detach().to(tokens.device, tokens.dtype))
-            wk, wv = self._weights[key]
-        return torch.nn.functional.linear(tokens, wk), torch.nn.functional.linear(tokens, wv)
-
 
 def make_ip_patch(prompt: ImagePrompt, index: int, fallback: AttentionFn) -> AttentionFn:
     """The ``attn2`` replacement of adapter layer ``index``: text attention + weight * image attention."""
@@ -109,7 +95,7 @@ def make_ip_patch(prompt: ImagePrompt, index: int, fallback: AttentionFn) -> Att
         if prompt.weight == 0:
             return out
         tokens = prompt.tokens_for(q.shape[0], extra_options, q.device, q.dtype)
-        k_ip, v_ip = prompt.keys_values(index, tokens)
+        k_ip, v_ip = prompt.adapter.keys_values(index, tokens)
         image = optimized_attention(q, k_ip, v_ip, extra_options["n_heads"],
                                     attn_precision=extra_options.get("attn_precision"))
         return out + prompt.weight * image
