@@ -59,6 +59,9 @@ NORMAL_SUFFIX = "normal map"
 #: The module names (inside each transformer block) that the subject-prior LoRA trains: multi-view self-attention.
 SELF_ATTENTION_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
 ENCODE_CHUNK = 16  # images per CLIP-vision call
+#: A training step keeps activations for the backward pass: ComfyUI is asked to free memory for this many times
+#: the step's batch (its estimate is for inference), so a model loads in lowvram mode rather than running out.
+TRAINING_MEMORY_FACTOR = 3
 
 
 @dataclass
@@ -293,7 +296,7 @@ def tune_identity(model, adapter: IPAdapter, clip_vision, vae, clip, subject: Te
         return total, preview
 
     first_context = contexts[texts[0]].to(device)
-    latent = torch.zeros((batch,) + tuple(latents.shape[1:]))
+    latent = torch.zeros((TRAINING_MEMORY_FACTOR * batch,) + tuple(latents.shape[1:]))
     try:
         run.run(tuned.cross_attention_parameters(), lr, patched, first_context, latent, step_body)
     finally:
@@ -471,7 +474,8 @@ def tune_subject_prior(model, vae, clip, images: Tensor, cameras, normals: Tenso
         return total, preview
 
     run = Tuning("subject-prior", model, steps, seed)
-    latent = torch.zeros((views,) + tuple(latents.shape[1:]))
+    latent = torch.zeros((TRAINING_MEMORY_FACTOR * views * (2 if normals is not None else 1),)
+                         + tuple(latents.shape[1:]))
     try:
         run.run(params, lr, patcher, contexts[texts[0]].to(device), latent, step_body)
     finally:
