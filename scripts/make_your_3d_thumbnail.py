@@ -140,7 +140,7 @@ def plot(draw: ImageDraw.ImageDraw, values, box, title: str, color) -> None:
     points = [(x0 + 4 + (x1 - x0 - 8) * i / max(len(values) - 1, 1), bottom - (bottom - top) * (v - low) / span)
               for i, v in enumerate(values)]
     draw.line(points, fill=color, width=2)
-    draw.text((x1 - 150, y1 - 16), f"step 1: {values[0]:.2f}  step {len(values)}: {values[-1]:.2f}", fill=color)
+    draw.text((x1 - 160, y1 + 2), f"step 1: {values[0]:.2f}   step {len(values)}: {values[-1]:.2f}", fill=color)
 
 
 if __name__ == "__main__":
