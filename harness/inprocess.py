@@ -65,3 +65,22 @@ def run_node(node_cls, *, hidden: dict | None = None, **inputs: Any):
     clone = node_cls.PREPARE_CLASS_CLONE(hidden or {})
     with torch.inference_mode():
         return node_cls.execute.__func__(clone, **inputs)
+
+
+def predict_x0(model, x, sigmas, context, extra: dict | None = None):
+    """A MODEL's x0 predictions (B, C, h, w) for latents ``x`` at ``sigmas`` (B,), conditioned on the text
+    ``context`` (1 or B, L, C) with ``extra`` conditioning keys (e.g. MVDream cameras), through ComfyUI's own
+    conditioning and batching code (``encode_model_conds``, ``calc_cond_batch``) as one sampling call runs it."""
+    import comfy.model_management
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model])
+        entries = comfy.sampler_helpers.convert_cond([[context, dict(extra or {})]])
+        conds = comfy.samplers.encode_model_conds(model.model.extra_conds, entries, x, x.device, "positive")
+        model.pre_run()
+        try:
+            return comfy.samplers.calc_cond_batch(model.model, [conds], x, sigmas, model.model_options)[0].clone()
+        finally:
+            model.cleanup()

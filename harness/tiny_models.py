@@ -93,10 +93,11 @@ SD15_IP_UNET_SHAPE = dict(model_channels=320, channel_mult=[1, 1], num_res_block
 SD15_IP_CROSS_ATTENTION_LAYERS = 7
 
 
-def sd15_ip_unet_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """An SD1.5 UNet (LDM key layout) with a middle block: :data:`SD15_IP_UNET_SHAPE`, 8 heads, 768-wide context,
-    convolution projections (about 30 M parameters). Its cross-attention layers, in diffusers' processor order
-    (down, up, mid), are input blocks 1, 3, output blocks 0-3 and the middle block."""
+def sd15_ip_unet_state_dict(seed: int, shape: dict | None = None) -> dict[str, torch.Tensor]:
+    """An SD1.5 UNet (LDM key layout): 8 heads, 768-wide context, convolution projections, by default
+    :data:`SD15_IP_UNET_SHAPE` (a middle block; about 30 M parameters; its cross-attention layers, in diffusers'
+    processor order (down, up, mid), are input blocks 1, 3, output blocks 0-3 and the middle block). ``shape``
+    replaces the UNet shape (benchmarks build the real SD1.5)."""
     _comfy_ready()
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -104,7 +105,7 @@ def sd15_ip_unet_state_dict(seed: int) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         unet = UNetModel(image_size=32, in_channels=4, out_channels=4, context_dim=768, use_spatial_transformer=True,
                          use_linear_in_transformer=False, num_heads=8, legacy=False,
-                         operations=comfy.ops.disable_weight_init, **SD15_IP_UNET_SHAPE)
+                         operations=comfy.ops.disable_weight_init, **(shape or SD15_IP_UNET_SHAPE))
     sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in unet.state_dict().items()}
     return fill_seeded(sd, seed)
 

@@ -314,13 +314,13 @@ def _timesteps(base) -> int:
     return int(getattr(base.model_sampling, "num_timesteps", 1000))
 
 
-def write_adapter(adapter: IPAdapter, prefix: str, meta: dict) -> str:
-    """Write ``adapter`` in the released layout to ``output/ipadapter/<prefix>_NNNNN_.safetensors``; returns the
-    name Load IP-Adapter lists it under."""
+def write_weights(sd: dict[str, Tensor], folder: str, prefix: str, meta: dict) -> str:
+    """Write ``sd`` to ``output/<folder>/<prefix>_NNNNN_.safetensors`` with ``meta`` as JSON in the header; returns
+    the name the folder's loader lists it under (Load IP-Adapter for ``ipadapter``, core Load LoRA for ``loras``)."""
     from safetensors.torch import save_file
 
-    path, name = output_file(OUTPUT_ADAPTERS, prefix)
-    save_file(adapter.layout_state_dict(), path, metadata={"compose3d": json.dumps(meta)})
+    path, name = output_file(folder, prefix)
+    save_file(sd, path, metadata={"compose3d": json.dumps(meta)})
     return name
 
 
@@ -381,7 +381,7 @@ class IdentityTuner(Compose3DNode):
                                                     augmentations, weight, seed)
         meta = {"format": "ip-adapter (basic)", "tuned_by": "Compose3D_IdentityTuner", "steps": report.steps,
                 "learning_rate": learning_rate, "seed": seed, "views": int(views.shape[0]), "prompt": prompt}
-        report.file = write_adapter(tuned, filename_prefix, meta)
+        report.file = write_weights(tuned.layout_state_dict(), OUTPUT_ADAPTERS, filename_prefix, meta)
         _publish(model, report)
         return io.NodeOutput(personalised, tuned, report.file)
 
@@ -487,15 +487,6 @@ def tune_subject_prior(model, vae, clip, images: Tensor, cameras, normals: Tenso
     return patcher, lora_state_dict(adapters), run.report
 
 
-def write_lora(sd: dict[str, Tensor], prefix: str, meta: dict) -> str:
-    """Write a LoRA to ``output/loras/<prefix>_NNNNN_.safetensors``; returns its name in core Load LoRA's list."""
-    from safetensors.torch import save_file
-
-    path, name = output_file(OUTPUT_LORAS, prefix)
-    save_file(sd, path, metadata={"compose3d": json.dumps(meta)})
-    return name
-
-
 class SubjectPriorTuner(Compose3DNode):
     """MVDream MODEL + personalised views with cameras -> MODEL with a multi-view self-attention LoRA (written)."""
 
@@ -549,6 +540,6 @@ class SubjectPriorTuner(Compose3DNode):
         meta = {"tuned_by": "Compose3D_SubjectPriorTuner", "targets": "multi-view self-attention (attn1)",
                 "rank": rank, "alpha": alpha, "steps": report.steps, "learning_rate": learning_rate, "seed": seed,
                 "views": int(images.shape[0]), "normals": normals is not None, "prompt": prompt}
-        report.file = write_lora(sd, filename_prefix, meta)
+        report.file = write_weights(sd, OUTPUT_LORAS, filename_prefix, meta)
         _publish(model, report)
         return io.NodeOutput(patched, report.file)

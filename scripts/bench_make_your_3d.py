@@ -78,19 +78,10 @@ NAMES = {"checkpoint": "bench_sd15_real_size.safetensors", "clip_vision": "bench
 # ------------------------------------------------------------------------------------------- model files
 
 def sd15_unet_state_dict(seed: int, *, shape: dict = SD15_SHAPE):
-    """The SD1.5 UNet (LDM key layout, ComfyUI's UNetModel built on the meta device), seeded random float16."""
-    import torch
+    """The SD1.5 UNet (LDM key layout), seeded random float16."""
+    from harness.tiny_models import sd15_ip_unet_state_dict
 
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from harness.tiny_models import fill_seeded
-
-    with torch.device("meta"):
-        unet = UNetModel(image_size=32, in_channels=4, out_channels=4, context_dim=768, use_spatial_transformer=True,
-                         use_linear_in_transformer=False, num_heads=8, legacy=False,
-                         operations=comfy.ops.disable_weight_init, **shape)
-    sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in unet.state_dict().items()}
-    return fill_seeded(sd, seed)
+    return sd15_ip_unet_state_dict(seed, shape=shape)
 
 
 def write_models(models: Path, which: tuple[str, ...]) -> None:

@@ -25,7 +25,7 @@ LEVELS = (150, 400, 650, 900)
 
 
 def main() -> None:
-    from harness.inprocess import init_comfy, run_node, use_folders
+    from harness.inprocess import init_comfy, predict_x0, run_node, use_folders
     from harness.tiny_models import build_tiny_models
 
     init_comfy()
@@ -33,9 +33,6 @@ def main() -> None:
     tm = build_tiny_models(base / "models")
     use_folders(tm.root, base / "output", base / "temp", base / "input")
 
-    import comfy.model_management
-    import comfy.sampler_helpers
-    import comfy.samplers
     import nodes as core
 
     from compose3d.kernels.cameras import orbit_cameras
@@ -54,23 +51,12 @@ def main() -> None:
     adapter = run_node(IPAdapterLoader, ipadapter_name=tm.ip_adapter).result[0]
     mv, mv_clip, mv_vae = run_node(MVDreamLoader, ckpt_name=tm.mvdream_sd15_checkpoint).result
 
-    def predict(model, x, sigmas, context, extra=None):
-        with torch.inference_mode():
-            comfy.model_management.load_models_gpu([model])
-            entries = comfy.sampler_helpers.convert_cond([[context, dict(extra or {})]])
-            conds = comfy.samplers.encode_model_conds(model.model.extra_conds, entries, x, x.device, "positive")
-            model.pre_run()
-            try:
-                return comfy.samplers.calc_cond_batch(model.model, [conds], x, sigmas, model.model_options)[0]
-            finally:
-                model.cleanup()
-
     def error(model, x0, context, extra=None):
         g = torch.Generator().manual_seed(5)
         x0 = x0.repeat(len(LEVELS), 1, 1, 1)
         sigmas = model.model.model_sampling.sigma(torch.tensor(LEVELS).repeat_interleave(4).float())
         x = x0 + torch.randn(x0.shape, generator=g) * sigmas.view(-1, 1, 1, 1)
-        return float(((predict(model, x, sigmas, context, extra) - x0) ** 2).mean())
+        return float(((predict_x0(model, x, sigmas, context, extra) - x0) ** 2).mean())
 
     def text(c, t):
         with torch.inference_mode():

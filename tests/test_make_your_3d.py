@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.inprocess import run_node
+from harness.inprocess import predict_x0 as predict, run_node
 
 PROMPT = "a toy"
 SIZE = 64  # 8 x 8 latents
@@ -102,23 +102,6 @@ def subject_prior(mvdream, views, cameras, **kw):
     args.update(kw)
     out = run_node(SubjectPriorTuner, **args).result
     return out, reports[-1]
-
-
-def predict(model, x, sigmas, context, extra=None):
-    """x0 predictions of ``model`` (B, C, h, w) through ComfyUI's conditioning and batching code."""
-    import comfy.model_management
-    import comfy.sampler_helpers
-    import comfy.samplers
-
-    with torch.inference_mode():
-        comfy.model_management.load_models_gpu([model])
-        entries = comfy.sampler_helpers.convert_cond([[context, dict(extra or {})]])
-        conds = comfy.samplers.encode_model_conds(model.model.extra_conds, entries, x, x.device, "positive")
-        model.pre_run()
-        try:
-            return comfy.samplers.calc_cond_batch(model.model, [conds], x, sigmas, model.model_options)[0].clone()
-        finally:
-            model.cleanup()
 
 
 def text_context(clip, text):
