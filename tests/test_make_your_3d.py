@@ -318,3 +318,32 @@ def test_bad_inputs_are_refused_before_training(sd15, clip_vision, adapter, mvdr
     with pytest.raises(InputError, match=r"^ipadapter: the adapter has 7 image cross-attention layers but the "
                                          r"model has 10"):
         identity((mv21[0], sd15[1], sd15[2]), clip_vision, adapter, views)
+
+
+def test_the_loader_node_refuses_a_damaged_adapter_naming_the_keys(comfy_inprocess, tiny_models):
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from compose3d.nodes.ip_adapter import IPAdapterLoader
+    from compose3d.nodes.validation import InputError
+
+    sd = load_file(str(tiny_models.path("ipadapter", tiny_models.ip_adapter)))
+    folder = tiny_models.root / "ipadapter"
+    missing = dict(sd)
+    missing.pop("ip_adapter.13.to_k_ip.weight")
+    save_file(missing, str(folder / "test_missing.safetensors"))
+    wrong = dict(sd)
+    wrong["image_proj.norm.weight"] = torch.zeros(1024)
+    save_file(wrong, str(folder / "test_wrong_shape.safetensors"))
+    try:
+        assert "test_missing.safetensors" in folder_paths.get_filename_list("ipadapter")
+        with pytest.raises(InputError, match=r"^ipadapter_name: test_missing.safetensors: not a complete IP-Adapter "
+                                             r"file: missing key\(s\) ip_adapter\.13\.to_k_ip\.weight$"):
+            run_node(IPAdapterLoader, ipadapter_name="test_missing.safetensors")
+        with pytest.raises(InputError, match=r"^ipadapter_name: test_wrong_shape.safetensors: mismatched "
+                                             r"shape\(s\): image_proj\.norm\.weight \(1024,\) / "
+                                             r"image_proj\.norm\.bias \(768,\)"):
+            run_node(IPAdapterLoader, ipadapter_name="test_wrong_shape.safetensors")
+    finally:  # the models folder is shared with the server tests
+        for name in ("test_missing.safetensors", "test_wrong_shape.safetensors"):
+            (folder / name).unlink()
