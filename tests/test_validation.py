@@ -86,6 +86,13 @@ def test_sockets_take_real_values_and_refuse_others(comfy_inprocess, tiny_models
     from compose3d.kernels.score_mixing import LambdaSchedule
 
     model, clip, vae = load_mvdream(str(tiny_models.path("checkpoints", tiny_models.mvdream_checkpoint)))
+    import comfy.clip_vision
+
+    from compose3d.kernels.ip_adapter import IPAdapter
+    from harness.tiny_models import ip_adapter_state_dict
+
+    embeds = comfy.clip_vision.Output()
+    embeds["image_embeds"] = torch.randn(1, 768)
     with torch.inference_mode():
         conditioning = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
     nerf = NeRF.create(config_for_device("cpu"), device=torch.device("cpu"))
@@ -96,6 +103,9 @@ def test_sockets_take_real_values_and_refuse_others(comfy_inprocess, tiny_models
         "IMAGE": torch.rand(2, 8, 8, 3), "MASK": torch.rand(2, 8, 8), "CONDITIONING": conditioning,
         "CLIP": clip, "VAE": vae, "MODEL": model,
         "C3D_LAMBDA_SCHEDULE": LambdaSchedule("linear", 0.3, 0.9), "LATENT": {"samples": torch.zeros(4, 4, 8, 8)},
+        "C3D_IP_ADAPTER": IPAdapter.from_state_dict(ip_adapter_state_dict([8], embed_dim=4, cross_dim=8, seed=0)),
+        "CLIP_VISION": comfy.clip_vision.load(str(tiny_models.path("clip_vision", tiny_models.clip_vision))),
+        "CLIP_VISION_OUTPUT": embeds,
     }
     assert set(good) == set(SOCKETS)
     for io_type, socket in SOCKETS.items():
@@ -115,6 +125,10 @@ def test_sockets_take_real_values_and_refuse_others(comfy_inprocess, tiny_models
     assert SOCKETS["LATENT"].check({"samples": torch.zeros(4, 8, 8)}) == \
         "got a latent of shape (4, 8, 8); image latents are (B, C, H, W)"
     assert SOCKETS["CONDITIONING"].check([["text", {}]]).startswith("got a list holding")
+    nan_embeds = comfy.clip_vision.Output()
+    nan_embeds["image_embeds"] = torch.full((1, 768), math.nan)
+    assert SOCKETS["CLIP_VISION_OUTPUT"].check(nan_embeds) == \
+        "got image embeddings of shape (1, 768) (expected finite (B, E))"
     nan_maps = PartMaps(torch.rand(2, 3, 8, 8), rig, ("a", "b", "c"), "exact")
     nan_maps.maps[0, 1, 2, 3] = math.nan
     assert SOCKETS["C3D_PART_MAPS"].check(nan_maps) == "got part maps holding NaN or infinite values"
