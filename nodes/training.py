@@ -41,7 +41,7 @@ def autograd_weights(diffusion_model: torch.nn.Module):
     training uses); it is removed afterwards. Nothing happens when all weights are ordinary tensors.
     """
     modules = [m for m in diffusion_model.modules() if hasattr(m, "weight_function")
-               and any(p.is_inference() for p in m.parameters(recurse=False))]
+               and any(refused_by_autograd(p) for p in m.parameters(recurse=False))]
     saved = []
     for m in modules:
         saved.append((m, m.__dict__.get("weight_function"), m.__dict__.get("bias_function")))
@@ -62,6 +62,19 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
+def refused_by_autograd(t: Tensor) -> bool:
+    """Whether autograd would refuse to save ``t`` for backward: an inference tensor, or any tensor without a
+    version counter (the check autograd makes when it saves a tensor; seen on CUDA as "Inference tensors do not
+    track version counter")."""
+    if t.is_inference():
+        return True
+    try:
+        t._version
+    except RuntimeError:
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def autograd_tensors(module: torch.nn.Module):
     """Replace, while open, every inference-mode parameter and buffer of ``module`` that :func:`autograd_weights`
@@ -76,7 +89,7 @@ def autograd_tensors(module: torch.nn.Module):
             covered = ("weight", "bias") if hasattr(m, "weight_function") else ()
             for store in (m._parameters, m._buffers):
                 for name, tensor in list(store.items()):
-                    if tensor is None or name in covered or not tensor.is_inference():
+                    if tensor is None or name in covered or not refused_by_autograd(tensor):
                         continue
                     copy = tensor.detach().clone()
                     store[name] = torch.nn.Parameter(copy, requires_grad=False) if store is m._parameters else copy
@@ -127,8 +140,9 @@ def encode_with_grad(vae, images: Tensor, model=None, generator: torch.Generator
         and ``generator`` they equal ``vae.encode(images)`` (which returns them detached, on the intermediate
         device). The whole batch is encoded at once (``vae.encode`` splits batches to fit free memory).
 
-    Works inside ComfyUI's ``torch.inference_mode()``: the encoding runs under ``inference_mode(False)`` with the
-    VAE's weights made usable by autograd (:func:`autograd_weights`, :func:`autograd_tensors`).
+    Works inside ComfyUI's ``torch.inference_mode()``: the VAE is loaded onto its device and the encoding runs
+    under ``inference_mode(False)``, with weights loaded earlier in inference mode made usable by autograd
+    (:func:`autograd_weights`, :func:`autograd_tensors`).
     """
     check_shape("images", images, ("B", "H", "W", 3), note=" (an IMAGE batch)")
     vae.throw_exception_if_invalid()
@@ -138,8 +152,9 @@ def encode_with_grad(vae, images: Tensor, model=None, generator: torch.Generator
     with torch.inference_mode(False), torch.enable_grad():  # ops under inference mode would cut the graph
         pixels = vae.vae_encode_crop_pixels(images).movedim(-1, 1)  # (B, 3, H', W')
     memory = vae.memory_used_encode(pixels.shape, vae.vae_dtype)
-    comfy.model_management.load_models_gpu([vae.patcher], memory_required=memory,
-                                           force_full_load=vae.disable_offload)
+    with torch.inference_mode(False):  # weights moved onto the device now are ordinary tensors
+        comfy.model_management.load_models_gpu([vae.patcher], memory_required=memory,
+                                               force_full_load=vae.disable_offload)
     first_stage = vae.first_stage_model
     with torch.inference_mode(False), torch.enable_grad(), autograd_weights(first_stage), \
             autograd_tensors(first_stage), _posterior_sample(first_stage, generator):

@@ -162,9 +162,8 @@ def peak_gpu_memory(device: str, vram: str) -> dict:
     in ComfyUI's ``vram`` mode (run in a process of its own: the mode is fixed at start-up)."""
     import torch
 
+    loaded = setup(device, vram)  # puts ComfyUI on sys.path and fixes the vram mode before comfy is imported
     import comfy.model_management
-
-    loaded = setup(device, vram)
     out = {}
     for v in VARIANTS:
         comfy.model_management.unload_all_models()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compose3d.nodes.mvdream import MVDreamLoader
-from compose3d.nodes.training import autograd_tensors, autograd_weights, encode_with_grad
+from compose3d.nodes.training import autograd_tensors, autograd_weights, encode_with_grad, refused_by_autograd
 from harness.inprocess import run_node
 from harness.tiny_models import fill_seeded
 
@@ -136,6 +136,38 @@ def test_the_vae_alone_cannot_backpropagate_to_the_pixels(mvdream):
         with autograd_weights(vae.first_stage_model), autograd_tensors(vae.first_stage_model):
             vae.first_stage_model.encode(x * 2 - 1).sum().backward()
     assert x.grad.abs().max() > 0
+
+
+def test_refused_by_autograd_agrees_with_autograd_on_every_kind_of_tensor_comfyui_makes():
+    """Oracle: autograd itself (saving the tensor for backward raises or not), on the tensors ComfyUI's loading
+    makes: created in inference mode, a Parameter wrapped in inference mode (``set_attr_param``), data swapped in
+    inference mode (``Module.to``), views of inference tensors taken outside it, and ordinary tensors."""
+    with torch.inference_mode():
+        made = torch.randn(3)
+        wrapped = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    ordinary = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    swapped = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    with torch.inference_mode():
+        swapped.data = torch.randn(3)
+        in_mode_param = torch.nn.Parameter(made, requires_grad=False)
+        normal_view = ordinary.view(3)
+    cases = {"created in inference mode": made, "Parameter of an inference tensor, in inference mode": in_mode_param,
+             "data swapped in inference mode": swapped, "view of an inference tensor": made.view(3),
+             "slice of an inference tensor": made[:2], "Parameter wrapped in inference mode": wrapped,
+             "ordinary": ordinary, "view of an ordinary tensor taken in inference mode": normal_view,
+             "ordinary clone of an inference tensor": made.clone()}
+    seen = set()
+    for label, t in cases.items():
+        x = torch.randn(t.shape, requires_grad=True)
+        try:
+            (x * t).sum().backward()
+            refused = False
+        except RuntimeError as error:
+            assert "nference" in str(error), (label, error)
+            refused = True
+        assert refused_by_autograd(t) == refused, label
+        seen.add(refused)
+    assert seen == {True, False}  # both answers occur
 
 
 def unet_inputs(views: int = 4):
