@@ -39,10 +39,24 @@ class Workflow:
     def save(self, folder: Path, name: str) -> None:
         data = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, name)), "revision": 0, "last_node_id": len(self.nodes),
                 "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links, "groups": [],
-                "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 60]}}, "version": 0.4}
+                "config": {}, "extra": {"ds": opening_view(self.nodes)}, "version": 0.4}
         (folder / name).write_text(json.dumps(data, indent=1) + "\n")
 
 
+#: Where a workflow's top-left node lands when it opens, in screen pixels from the canvas's corner: right of the
+#: frontend's left sidebar (about 60 px) and below its banner, tab bar and floating menus (about 130 px).
+OPENING_CORNER = (100, 150)
+#: Height of a node's title bar above its ``pos`` (LiteGraph's NODE_TITLE_HEIGHT), in canvas units.
+TITLE_HEIGHT = 30
+
+
+def opening_view(nodes: list[dict], scale: float = 0.75) -> dict:
+    """The saved view (``extra.ds``) that opens ``nodes`` at ``scale`` with their top-left corner (title bars
+    included) at :data:`OPENING_CORNER`. The frontend draws canvas point p at screen (p + offset) * scale."""
+    left = min(n["pos"][0] for n in nodes)
+    top = min(n["pos"][1] for n in nodes) - TITLE_HEIGHT
+    return {"scale": scale, "offset": [round(OPENING_CORNER[0] / scale - left, 1),
+                                       round(OPENING_CORNER[1] / scale - top, 1)]}
 
 
 def schema_widgets(node_cls, **changes) -> list:

@@ -15,6 +15,11 @@ app.registerExtension({
       const result = onNodeCreated?.apply(this, arguments);
       this.color ??= COLOR;
       this.bgcolor ??= BGCOLOR;
+      // Seeds start fixed: the pack's nodes run for minutes, and a fixed seed lets ComfyUI reuse their result
+      // when nothing else changed. A saved workflow's own choice is applied after this, when it is loaded.
+      for (const widget of this.widgets ?? []) {
+        if (widget.name === "control_after_generate") widget.value = "fixed";
+      }
       return result;
     };
   },

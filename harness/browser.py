@@ -1,0 +1,178 @@
+"""The real ComfyUI frontend in Debian's headless Chromium, driven by Playwright (no browser download).
+
+:func:`chromium_path` finds the system Chromium (``COMPOSE3D_CHROMIUM`` or ``chromium`` on PATH;
+``scripts/setup.sh`` installs Debian's package when it is missing). :class:`Frontend` opens a ComfyUI server's page,
+records what the page reports (console errors, uncaught exceptions, failed requests) and works the template
+browser as a user does.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Chromium flags for a closed network: no background connections, no sandbox (tests run as root in CI).
+CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage")
+VIEWPORT = {"width": 1600, "height": 1000}
+
+
+def chromium_path() -> str:
+    """Debian's Chromium: ``COMPOSE3D_CHROMIUM`` if set, else ``chromium`` on PATH. Raises with what to do."""
+    found = os.environ.get("COMPOSE3D_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found or not Path(found).exists():
+        raise RuntimeError("no Chromium found: the browser tests drive Debian's Chromium (scripts/setup.sh installs "
+                           "the 'chromium' package with apt-get when it can); or set COMPOSE3D_CHROMIUM")
+    return found
+
+
+@dataclass
+class PageReport:
+    """What the page reported: console errors, uncaught exceptions and HTTP failures (status >= 400) of the
+    server's own origin; ``offsite`` keeps the console errors of requests to other hosts (the frontend looks node
+    types up on its registry, which a closed network cannot reach) apart."""
+    console_errors: list[str] = field(default_factory=list)
+    exceptions: list[str] = field(default_factory=list)
+    failed_requests: list[str] = field(default_factory=list)
+    offsite: list[str] = field(default_factory=list)
+
+    def mark(self) -> tuple[int, int, int]:
+        return len(self.console_errors), len(self.exceptions), len(self.failed_requests)
+
+    def since(self, mark: tuple[int, int, int]) -> "PageReport":
+        a, b, c = mark
+        return PageReport(self.console_errors[a:], self.exceptions[b:], self.failed_requests[c:])
+
+    def mentioning(self, pattern: str) -> list[str]:
+        """Every entry whose text (message, stack or URL) matches ``pattern`` (case-insensitive)."""
+        rx = re.compile(pattern, re.IGNORECASE)
+        return [e for e in self.console_errors + self.exceptions + self.failed_requests if rx.search(e)]
+
+
+class Frontend:
+    """One page of a ComfyUI server's frontend.
+
+    Args:
+        browser: a Playwright ``Browser``.
+        url: the server's address (``ComfyServer.url``).
+    """
+
+    def __init__(self, browser, url: str):
+        self.url = url
+        self.report = PageReport()
+        self.page = browser.new_page(viewport=VIEWPORT)
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda error: self.report.exceptions.append(f"{error}\n{error.stack or ''}"))
+        self.page.on("response", self._response)
+
+    def _console(self, message) -> None:
+        if message.type == "error":
+            where = message.location.get("url", "") if message.location else ""
+            offsite = where.startswith(("http://", "https://")) and not where.startswith(self.url)
+            (self.report.offsite if offsite else self.report.console_errors).append(f"{message.text} @ {where}")
+
+    def _response(self, response) -> None:
+        if response.status >= 400 and response.url.startswith(self.url):
+            self.report.failed_requests.append(f"{response.status} {response.url}")
+
+    def open(self, timeout: float = 90.0) -> "Frontend":
+        """Load the app and wait until its graph and the node definitions are there."""
+        self.page.goto(self.url, wait_until="load", timeout=timeout * 1000)
+        self.page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && "
+                                    "Object.keys(window.LiteGraph.registered_node_types).length > 0",
+                                    timeout=timeout * 1000)
+        return self
+
+    # -- what the app knows ------------------------------------------------------------------------
+    def extension_names(self) -> list[str]:
+        return self.page.evaluate("() => (window.app.extensions || []).map(e => e.name)")
+
+    def registered(self, node_types: list[str]) -> dict[str, bool]:
+        return self.page.evaluate("types => Object.fromEntries(types.map(t => "
+                                  "[t, t in window.LiteGraph.registered_node_types]))", node_types)
+
+    def graph_nodes(self) -> list[dict]:
+        """The open graph's nodes: id, type, title, and whether the frontend knows the type."""
+        return self.page.evaluate("() => window.app.graph._nodes.map(n => ({id: n.id, type: n.type, "
+                                  "title: n.title, known: n.type in window.LiteGraph.registered_node_types}))")
+
+    def seed_controls(self) -> list[tuple[str, str]]:
+        """(node type, "control after generate" value) of every seed control in the open graph."""
+        return [tuple(x) for x in self.page.evaluate(
+            "() => window.app.graph._nodes.flatMap(n => (n.widgets || [])"
+            ".filter(w => w.name === 'control_after_generate').map(w => [n.type, w.value]))")]
+
+    def new_node_seed_control(self, node_type: str) -> str | None:
+        """The seed control's value of a ``node_type`` node freshly created (as the node library adds one)."""
+        return self.page.evaluate("""type => {
+            const node = window.LiteGraph.createNode(type);
+            const w = (node.widgets || []).find(w => w.name === 'control_after_generate');
+            return w ? w.value : null;
+        }""", node_type)
+
+    def graph_corner(self) -> tuple[float, float]:
+        """Screen position (page pixels) of the open graph's top-left corner, node title bars included."""
+        return tuple(self.page.evaluate("""() => {
+            const ds = window.app.canvas.ds, rect = window.app.canvas.canvas.getBoundingClientRect();
+            const title = window.LiteGraph.NODE_TITLE_HEIGHT, nodes = window.app.graph._nodes;
+            return [Math.min(...nodes.map(n => (n.pos[0] + ds.offset[0]) * ds.scale + rect.left)),
+                    Math.min(...nodes.map(n => (n.pos[1] - title + ds.offset[1]) * ds.scale + rect.top))];
+        }"""))
+
+    def chrome_edges(self, workflow_name: str) -> tuple[float, float]:
+        """(right edge of the left sidebar, lowest bottom edge of the top bars showing ``workflow_name``: the tab
+        and the floating name badge), in page pixels: what covers the canvas's top-left corner."""
+        button = self.page.get_by_role("button", name="Templates").first.bounding_box()
+        names = self.page.get_by_text(workflow_name, exact=True)
+        bottoms = [box["y"] + box["height"] for box in (names.nth(i).bounding_box() for i in range(names.count()))
+                   if box and box["x"] < VIEWPORT["width"] / 2]
+        return button["x"] + button["width"], max(bottoms, default=0.0)
+
+    def dialogs(self) -> list[str]:
+        """The text of every open dialog."""
+        boxes = self.page.locator("[role=dialog]")
+        return [boxes.nth(i).inner_text() for i in range(boxes.count())]
+
+    def close_dialogs(self) -> None:
+        for _ in range(3):
+            if not self.page.locator("[role=dialog]").count():
+                return
+            self.page.keyboard.press("Escape")
+            time.sleep(0.3)
+
+    # -- the template browser ------------------------------------------------------------------------
+    def open_templates(self) -> None:
+        """Open the template browser (the sidebar's Templates button) unless it is open."""
+        if not self.page.get_by_text("All Templates", exact=True).count():
+            self.page.get_by_role("button", name="Templates").first.click()
+        self.page.get_by_text("All Templates", exact=True).first.wait_for(timeout=30_000)
+
+    def template_cards(self, module: str) -> list[str]:
+        """The card names listed under the template browser's ``module`` entry (EXTENSIONS section)."""
+        self.open_templates()
+        self.page.get_by_text(module, exact=True).first.click()
+        time.sleep(0.5)
+        return self.page.locator("h3, [class*=title]").all_inner_texts()
+
+    def load_template(self, module: str, card: str, expected_nodes: int, timeout: float = 30.0) -> None:
+        """Click ``card`` under ``module`` and wait until a graph of ``expected_nodes`` nodes is open."""
+        self.open_templates()
+        self.page.get_by_text(module, exact=True).first.click()
+        self.page.get_by_text(card, exact=True).first.click()
+        self.page.wait_for_function(f"() => window.app.graph._nodes.length === {int(expected_nodes)}",
+                                    timeout=timeout * 1000)
+        time.sleep(1.0)  # let the canvas draw (and any dialog open) before it is looked at
+
+    def load_graph(self, workflow: dict) -> None:
+        """Load a UI-format workflow the way a dropped file is loaded (``app.loadGraphData``)."""
+        self.page.evaluate("wf => window.app.loadGraphData(wf)", workflow)
+        time.sleep(1.0)
+
+    def screenshot(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(path))
+        return path

@@ -1,0 +1,100 @@
+"""The pack in the real ComfyUI frontend (the version ComfyUI pins), in Debian's headless Chromium via Playwright.
+
+A user's first steps: the page loads with the pack's extension and every pack node registered, nothing on the page
+reports an error that involves the pack, and every example workflow opens from the template browser with all of
+its nodes known and no missing-node dialog. A screenshot of each opened workflow is kept under
+``test-artifacts/browser/`` (``COMPOSE3D_ARTIFACTS`` moves it). A deliberately broken workflow (an unknown node
+type) shows that the checks can fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from harness.browser import CHROMIUM_ARGS, Frontend, chromium_path
+from harness.paths import PACK_ROOT
+
+pytestmark = [pytest.mark.server, pytest.mark.browser]
+
+ARTIFACTS = Path(os.environ.get("COMPOSE3D_ARTIFACTS", PACK_ROOT / "test-artifacts")) / "browser"
+MODULE = "compose3d"  # the pack's entry in the template browser (its folder name under custom_nodes)
+PACK_PATTERN = r"compose3d"  # what ties a page error to the pack (our URLs, node types, extension file)
+WORKFLOWS = sorted((PACK_ROOT / "example_workflows").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=chromium_path(), headless=True, args=list(CHROMIUM_ARGS))
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def frontend(browser, comfy_server):
+    return Frontend(browser, comfy_server.url).open()
+
+
+def pack_node_types(comfy_server) -> list[str]:
+    info = comfy_server.get_json("/object_info")
+    return sorted(name for name, node in info.items() if node.get("python_module", "").endswith(MODULE))
+
+
+def test_the_frontend_loads_the_pack_extension_and_every_node_without_errors(frontend, comfy_server):
+    assert "Compose3D.core" in frontend.extension_names()
+    types = pack_node_types(comfy_server)
+    assert len(types) >= 20, types
+    unknown = [t for t, known in frontend.registered(types).items() if not known]
+    assert not unknown, f"the frontend did not register {unknown}"
+    assert not frontend.report.mentioning(PACK_PATTERN), frontend.report.mentioning(PACK_PATTERN)
+    assert not frontend.report.exceptions or not frontend.report.mentioning(r"/extensions/"), frontend.report
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_example_workflow_opens_from_the_template_browser(frontend, path):
+    workflow = json.loads(path.read_text())
+    mark = frontend.report.mark()
+    frontend.load_template(MODULE, path.stem, expected_nodes=len(workflow["nodes"]))
+    shot = frontend.screenshot(ARTIFACTS / f"{path.stem}.png")
+    nodes = frontend.graph_nodes()
+    assert sorted(n["type"] for n in nodes) == sorted(n["type"] for n in workflow["nodes"])
+    assert all(n["known"] for n in nodes), [n["type"] for n in nodes if not n["known"]]
+    dialogs = frontend.dialogs()
+    assert not [d for d in dialogs if "missing" in d.lower()], dialogs
+    errors = frontend.report.since(mark)
+    assert not errors.mentioning(PACK_PATTERN), errors.mentioning(PACK_PATTERN)
+    assert not errors.exceptions, errors.exceptions
+    assert shot.stat().st_size > 10_000
+    controls = frontend.seed_controls()  # long runs keep their seed, so an unchanged graph is not re-run
+    assert all(value == "fixed" for _, value in controls), controls
+    left, top = frontend.graph_corner()  # the saved view opens the graph clear of the sidebar and the top bars
+    sidebar, bars = frontend.chrome_edges(path.stem)
+    assert left >= sidebar and top >= bars, (left, top, sidebar, bars)
+    frontend.close_dialogs()
+
+
+def test_a_pack_node_added_by_hand_starts_with_a_fixed_seed(frontend):
+    for node_type in ("Compose3D_NeRFFromViews", "Compose3D_SDSOptimizer", "Compose3D_IdentityTuner"):
+        assert frontend.new_node_seed_control(node_type) == "fixed", node_type
+    assert frontend.new_node_seed_control("KSampler") == "randomize"  # core nodes keep the frontend's default
+
+
+def test_a_workflow_with_an_unknown_node_type_is_caught(frontend):
+    """The broken variant: the same checks flag a node type the server does not have."""
+    broken = json.loads(WORKFLOWS[0].read_text())
+    broken["nodes"][0]["type"] = "Compose3D_NoSuchNode"
+    frontend.load_graph(broken)
+    nodes = frontend.graph_nodes()
+    unknown = [n["type"] for n in nodes if not n["known"]]
+    missing = [d for d in frontend.dialogs() if "missing" in d.lower()]
+    frontend.screenshot(ARTIFACTS / "broken_unknown_node.png")
+    frontend.close_dialogs()
+    assert unknown == ["Compose3D_NoSuchNode"]
+    assert missing and "Compose3D_NoSuchNode" in missing[0], missing
