@@ -114,6 +114,17 @@ class Frontend:
             return w ? w.value : null;
         }""", node_type)
 
+    def run(self) -> None:
+        """Press the Run button (queues the open workflow)."""
+        self.page.get_by_role("button", name="Run").first.click()
+
+    def wait_for_node(self, node_type: str, condition: str, timeout: float = 120.0):
+        """Wait until the JavaScript expression ``condition`` (over ``node``, the first ``node_type`` node of the
+        open graph) is truthy, and return its value."""
+        return self.page.wait_for_function(
+            f"type => {{ const node = window.app.graph._nodes.find(n => n.type === type); "
+            f"return node ? ({condition}) : null; }}", arg=node_type, timeout=timeout * 1000).json_value()
+
     def graph_corner(self) -> tuple[float, float]:
         """Screen position (page pixels) of the open graph's top-left corner, node title bars included."""
         return tuple(self.page.evaluate("""() => {
@@ -151,18 +162,12 @@ class Frontend:
             self.page.get_by_role("button", name="Templates").first.click()
         self.page.get_by_text("All Templates", exact=True).first.wait_for(timeout=30_000)
 
-    def template_cards(self, module: str) -> list[str]:
-        """The card names listed under the template browser's ``module`` entry (EXTENSIONS section)."""
-        self.open_templates()
-        self.page.get_by_text(module, exact=True).first.click()
-        time.sleep(0.5)
-        return self.page.locator("h3, [class*=title]").all_inner_texts()
-
     def load_template(self, module: str, card: str, expected_nodes: int, timeout: float = 30.0) -> None:
         """Click ``card`` under ``module`` and wait until a graph of ``expected_nodes`` nodes is open."""
         self.open_templates()
-        self.page.get_by_text(module, exact=True).first.click()
-        self.page.get_by_text(card, exact=True).first.click()
+        dialog = self.page.locator("[role=dialog]").filter(has_text="All Templates")  # not the workflow tabs
+        dialog.get_by_text(module, exact=True).first.click()
+        dialog.get_by_text(card, exact=True).first.click()
         self.page.wait_for_function(f"() => window.app.graph._nodes.length === {int(expected_nodes)}",
                                     timeout=timeout * 1000)
         time.sleep(1.0)  # let the canvas draw (and any dialog open) before it is looked at

@@ -39,7 +39,8 @@ class OrbitCameras(Compose3DNode):
                 io.Float.Input("fov", default=40.0, min=1.0, max=179.0, step=0.1,
                                tooltip="Vertical field of view in degrees."),
             ],
-            outputs=[CamerasType.Output(display_name="cameras")],
+            outputs=[CamerasType.Output(display_name="cameras",
+                                        tooltip="The ring of cameras, in azimuth order (camera 0 at azimuth_start).")],
         )
 
     @classmethod
@@ -82,7 +83,9 @@ class SDSCameras(Compose3DNode):
                                tooltip="Distance range (see distance_min)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="The draws."),
             ],
-            outputs=[CamerasType.Output(display_name="cameras")],
+            outputs=[CamerasType.Output(display_name="cameras",
+                                        tooltip="groups * views_per_group cameras; each group's views are "
+                                                "contiguous.")],
         )
 
     @classmethod
@@ -106,8 +109,10 @@ class CombineCameras(Compose3DNode):
             display_name="Combine Cameras",
             category=f"{CATEGORY}/cameras",
             description="The cameras of 'first' followed by those of 'second'.",
-            inputs=[CamerasType.Input("first"), CamerasType.Input("second")],
-            outputs=[CamerasType.Output(display_name="cameras")],
+            inputs=[CamerasType.Input("first", tooltip="Cameras that come first."),
+                    CamerasType.Input("second", tooltip="Cameras appended after those of 'first'.")],
+            outputs=[CamerasType.Output(display_name="cameras",
+                                        tooltip="All cameras of 'first', then all of 'second', as one rig.")],
         )
 
     @classmethod

@@ -180,7 +180,8 @@ class IPAdapterLoader(Compose3DNode):
                         "or output/ipadapter (where Identity Tuner writes tuned adapters).",
             inputs=[io.Combo.Input("ipadapter_name", options=folder_paths.get_filename_list(FOLDER),
                                    tooltip="The adapter file. SD1.5 adapters also fit MVDream sd-v1.5-4view.")],
-            outputs=[IPAdapterType.Output(display_name="IPADAPTER")],
+            outputs=[IPAdapterType.Output(display_name="IPADAPTER",
+                                          tooltip="The loaded adapter, for Apply IP-Adapter or Identity Tuner.")],
         )
 
     @classmethod
@@ -210,14 +211,15 @@ class ApplyIPAdapter(Compose3DNode):
                         "image with core 'CLIP Vision Encode' using the image encoder the adapter was trained "
                         "with. Several images in the batch prompt together.",
             inputs=[
-                io.Model.Input("model"),
-                IPAdapterType.Input("ipadapter"),
+                io.Model.Input("model", tooltip="The SD1.x/SD2.x or MVDream model to give the image prompt."),
+                IPAdapterType.Input("ipadapter", tooltip="The image-prompt adapter (from Load IP-Adapter)."),
                 io.ClipVisionOutput.Input("clip_vision_output",
                                           tooltip="From CLIP Vision Encode (crop 'center' or 'none')."),
                 io.Float.Input("weight", default=1.0, min=-1.0, max=3.0, step=0.05,
                                tooltip="How strongly the image prompt acts (0: not at all; 1: as trained)."),
             ],
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[io.Model.Output(display_name="MODEL",
+                                     tooltip="A copy of the model whose cross-attention also attends to the image.")],
         )
 
     @classmethod

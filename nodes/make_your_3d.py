@@ -342,7 +342,7 @@ class IdentityTuner(Compose3DNode):
                 io.Model.Input("model", tooltip="The 2D model (SD1.5 family), without the adapter applied."),
                 IPAdapterType.Input("ipadapter", tooltip="The image-prompt adapter to tune (a copy is tuned)."),
                 io.ClipVision.Input("clip_vision", tooltip="The image encoder the adapter was trained with."),
-                io.Vae.Input("vae"),
+                io.Vae.Input("vae", tooltip="The 2D model's VAE, to encode the views to latents."),
                 io.Clip.Input("clip", tooltip="The 2D model's text encoder, for the view-direction prompts."),
                 io.Image.Input("subject", tooltip="The subject photo: the personalised MODEL's image prompt."),
                 io.Image.Input("views", tooltip="The subject's multi-views (one batch, one size), e.g. from "
@@ -503,11 +503,12 @@ class SubjectPriorTuner(Compose3DNode):
                         "prompt + ', normal map'. Writes the LoRA to output/loras (core Load LoRA lists it).",
             inputs=[
                 io.Model.Input("model", tooltip="MVDream (from Load MVDream Checkpoint)."),
-                io.Vae.Input("vae"),
+                io.Vae.Input("vae", tooltip="MVDream's VAE, to encode the images (and normals) to latents."),
                 io.Clip.Input("clip", tooltip="MVDream's text encoder."),
                 io.Image.Input("images", tooltip="The personalised views (one batch, one size)."),
                 CamerasType.Input("cameras", tooltip="One camera per image, in the same order."),
-                io.String.Input("prompt", default="a 3D model of the subject", multiline=True),
+                io.String.Input("prompt", default="a 3D model of the subject", multiline=True,
+                                tooltip="What the images show; the normal maps train with ', normal map' appended."),
                 _steps_input(300, "Optimiser steps (0: no change)."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate of the LoRA."),

@@ -40,10 +40,12 @@ class ExportMesh(Compose3DNode):
                         "or vertex colours) and writes .glb/.obj/.ply into the output folder. Wire 'path' into "
                         "Preview3D to look at it.",
             inputs=[
-                NeRFType.Input("nerf"),
+                NeRFType.Input("nerf", tooltip="The NeRF to mesh (e.g. from SDS Optimizer or NeRF From Views)."),
                 file_name_input("filename_prefix", default="Compose3D/mesh",
                                 tooltip="Relative to the output folder; a counter and the extension are added."),
-                io.Combo.Input("format", options=list(MESH_FORMATS), default="glb"),
+                io.Combo.Input("format", options=list(MESH_FORMATS), default="glb",
+                               tooltip="glb (binary glTF), obj (+ .mtl and .png when textured) or ply "
+                                       "(vertex colours only)."),
                 io.Int.Input("resolution", default=256, min=32, max=1024, step=8,
                              tooltip="Marching-cubes grid cells per axis."),
                 io.Float.Input("threshold", default=10.0, min=0.0, max=10000.0, step=0.1,
@@ -56,10 +58,12 @@ class ExportMesh(Compose3DNode):
                 io.Combo.Input("colors", options=list(COLOR_MODES), default="texture",
                                tooltip="texture: UV atlas + image (ply falls back to vertex colours); "
                                        "vertex: per-vertex colours; none: geometry only."),
-                io.Int.Input("texture_size", default=1024, min=64, max=8192, step=64),
+                io.Int.Input("texture_size", default=1024, min=64, max=8192, step=64,
+                             tooltip="Side of the square baked texture in pixels (colors 'texture' only)."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="File path relative to the output folder."),
-                     io.Mesh.Output(display_name="mesh")],
+                     io.Mesh.Output(display_name="mesh",
+                                    tooltip="The cleaned, simplified geometry as a core MESH (without colours).")],
             is_output_node=True,
         )
 

@@ -340,7 +340,8 @@ class MixedScoreGuiderNode(Compose3DNode):
                         "Both models load together through ComfyUI's model management. The latent batch must be a "
                         "multiple of the cameras.",
             inputs=_model_inputs(),
-            outputs=[io.Guider.Output(display_name="GUIDER")],
+            outputs=[io.Guider.Output(display_name="GUIDER", tooltip="The mixed-score guider, for "
+                                                                     "SamplerCustomAdvanced.")],
         )
 
     @classmethod

@@ -33,7 +33,7 @@ class MVDreamLoader(Compose3DNode):
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="MVDream's multi-view UNet."),
                 io.Clip.Output(display_name="CLIP", tooltip="The checkpoint's text encoder."),
-                io.Vae.Output(display_name="VAE"),
+                io.Vae.Output(display_name="VAE", tooltip="The checkpoint's VAE (latents to images and back)."),
             ],
         )
 
@@ -57,11 +57,14 @@ class MVDreamConditioning(Compose3DNode):
                         "batch of V (or a multiple of V) makes V consistent views of one object (of several). "
                         "Route both the positive and the negative conditioning through this node.",
             inputs=[
-                io.Conditioning.Input("conditioning"),
+                io.Conditioning.Input("conditioning", tooltip="A text conditioning (positive or negative) for the "
+                                                              "MVDream MODEL, e.g. from CLIP Text Encode."),
                 CamerasType.Input("cameras", tooltip="One camera per view, e.g. Orbit Cameras with 4 views at "
                                                      "elevation 15 (MVDream's training rig)."),
             ],
-            outputs=[io.Conditioning.Output(display_name="conditioning")],
+            outputs=[io.Conditioning.Output(display_name="conditioning",
+                                            tooltip="The same conditioning carrying the cameras' MVDream "
+                                                    "camera vectors.")],
         )
 
     @classmethod

@@ -84,7 +84,8 @@ class NeRFFromViews(Compose3DNode):
                 *fitting_inputs(1000, "Optimisation steps. ~500-1000 for a 64 px object on a CPU.",
                                 "used again when rendering", "(the images are composited on it where the mask is 0)"),
             ],
-            outputs=[NeRFType.Output(display_name="nerf")],
+            outputs=[NeRFType.Output(display_name="nerf", tooltip="The fitted NeRF, for Render NeRF, Export Mesh or "
+                                                                  "further training.")],
         )
 
     @classmethod
@@ -134,15 +135,23 @@ class RenderNeRF(Compose3DNode):
             description="Renders every camera. Normals are world-space, shown as 0.5 + 0.5 * n on black; depth "
                         "is white near and black far (per image), black where nothing is hit.",
             inputs=[
-                NeRFType.Input("nerf"),
-                CamerasType.Input("cameras"),
-                io.Int.Input("width", default=256, min=8, max=4096, step=8),
-                io.Int.Input("height", default=256, min=8, max=4096, step=8),
+                NeRFType.Input("nerf", tooltip="The NeRF to render."),
+                CamerasType.Input("cameras", tooltip="The cameras to render from; one image per camera."),
+                io.Int.Input("width", default=256, min=8, max=4096, step=8,
+                             tooltip="Width of each rendered image in pixels."),
+                io.Int.Input("height", default=256, min=8, max=4096, step=8,
+                             tooltip="Height of each rendered image in pixels."),
                 io.Int.Input("samples_per_ray", default=0, min=0, max=1024,
                              tooltip="0 uses the NeRF's own setting."),
             ],
-            outputs=[io.Image.Output(display_name="rgb"), io.Image.Output(display_name="normal"),
-                     io.Mask.Output(display_name="opacity"), io.Image.Output(display_name="depth")],
+            outputs=[io.Image.Output(display_name="rgb", tooltip="Rendered colour over the NeRF's background, one "
+                                                                 "image per camera (N, H, W, 3) in 0..1."),
+                     io.Image.Output(display_name="normal", tooltip="World-space normals as 0.5 + 0.5 * n, black "
+                                                                    "where nothing is hit (N, H, W, 3)."),
+                     io.Mask.Output(display_name="opacity", tooltip="Accumulated opacity per pixel (N, H, W) in 0..1: "
+                                                                    "1 on the object, 0 on the background."),
+                     io.Image.Output(display_name="depth", tooltip="Depth per image: white nearest, black farthest "
+                                                                   "and where nothing is hit (N, H, W, 3).")],
         )
 
     @classmethod

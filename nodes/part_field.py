@@ -46,7 +46,9 @@ class PartAffinityNeRF(Compose3DNode):
                                          "(DreamBeast's targets; needed for probability maps, which are small)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Initialisation and ray sampling."),
             ],
-            outputs=[PartFieldType.Output(display_name="part_field")],
+            outputs=[PartFieldType.Output(display_name="part_field",
+                                          tooltip="The trained part field on the NeRF's geometry, for Render Part "
+                                                  "Maps or the SDS Optimizer.")],
         )
 
     @classmethod
@@ -83,13 +85,14 @@ class RenderPartMaps(Compose3DNode):
             description="Part maps of a part field seen from the given cameras (one map per view and part, 0..1), "
                         "with a preview colouring each part.",
             inputs=[
-                PartFieldType.Input("part_field"),
-                CamerasType.Input("cameras"),
+                PartFieldType.Input("part_field", tooltip="The part field to render (from Part-Affinity NeRF)."),
+                CamerasType.Input("cameras", tooltip="The cameras to render from; one map per camera and part."),
                 io.Int.Input("size", default=256, min=8, max=4096, step=8, tooltip="Side of the square maps."),
                 io.Int.Input("samples_per_ray", default=0, min=0, max=1024,
                              tooltip="0 uses the geometry NeRF's own setting."),
             ],
-            outputs=[PartMapsType.Output(display_name="part_maps"),
+            outputs=[PartMapsType.Output(display_name="part_maps",
+                                         tooltip="One map per camera and part (0..1), with the cameras."),
                      io.Image.Output(display_name="preview", tooltip="Each part in its own colour."),
                      io.Image.Output(display_name="heat_maps", tooltip="Per view, each part's map side by side.")],
         )
@@ -117,13 +120,15 @@ class PartMapsToMasks(Compose3DNode):
             description="The maps of one part, one MASK per view: its map min-max normalised to 0..1, or, with "
                         "a threshold, 1 where the normalised map reaches it.",
             inputs=[
-                PartMapsType.Input("part_maps"),
+                PartMapsType.Input("part_maps", tooltip="The part maps to take one part from."),
                 io.String.Input("part", default="",
                                 tooltip="The part phrase (as in the maps); empty takes the first part."),
                 io.Float.Input("threshold", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="0 keeps the soft map; above 0, a hard mask of the pixels at or above it."),
             ],
-            outputs=[io.Mask.Output(display_name="masks")],
+            outputs=[io.Mask.Output(display_name="masks",
+                                    tooltip="The part's normalised (or thresholded) map, one MASK per view "
+                                            "(N, H, W) in 0..1.")],
         )
 
     @classmethod
@@ -156,7 +161,9 @@ class PartMapsFromMasks(Compose3DNode):
                 io.String.Input("parts", default="head, body",
                                 tooltip="Comma-separated part names, in the order of the masks."),
             ],
-            outputs=[PartMapsType.Output(display_name="part_maps")],
+            outputs=[PartMapsType.Output(display_name="part_maps",
+                                         tooltip="One map per view and part (the masks clamped to 0..1), with the "
+                                                 "cameras.")],
         )
 
     @classmethod
@@ -185,10 +192,14 @@ class TestObjectPartMaps(Compose3DNode):
             description=f"Exact part maps of the built-in toy (Test Object Views) from the given cameras: parts "
                         f"{', '.join(TOY_PARTS)} (the body cut into its left and right halves).",
             inputs=[
-                CamerasType.Input("cameras"),
+                CamerasType.Input("cameras", tooltip="The cameras to make the maps from; one map per camera and "
+                                                     "part."),
                 io.Int.Input("size", default=64, min=8, max=4096, step=8, tooltip="Side of the square maps."),
             ],
-            outputs=[PartMapsType.Output(display_name="part_maps"), io.Image.Output(display_name="preview")],
+            outputs=[PartMapsType.Output(display_name="part_maps",
+                                         tooltip="Exact 0/1 maps of the toy's parts, one per camera and part, "
+                                                 "with the cameras."),
+                     io.Image.Output(display_name="preview", tooltip="Each part in its own colour.")],
         )
 
     @classmethod

@@ -333,7 +333,8 @@ class RefocusSampler(Compose3DNode):
                 io.Float.Input("smoothing_sigma", default=0.5, min=0.01, max=10.0, step=0.01,
                                tooltip="Sigma of the 3x3 Gaussian that smooths the attention maps."),
             ],
-            outputs=[io.Sampler.Output(display_name="SAMPLER")],
+            outputs=[io.Sampler.Output(display_name="SAMPLER", tooltip="The refocusing sampler, for SamplerCustom "
+                                                                       "or SamplerCustomAdvanced.")],
         )
 
     @classmethod

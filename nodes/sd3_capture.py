@@ -343,7 +343,11 @@ class SD3AttentionCapture(Compose3DNode):
                                  tooltip="Add ', front view' / ', side view' / ', back view' from each camera."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="The noise added to the views."),
             ],
-            outputs=[PartMapsType.Output(display_name="part_maps"), io.Image.Output(display_name="preview")],
+            outputs=[PartMapsType.Output(display_name="part_maps",
+                                         tooltip="One map_size map per view and part phrase, with the cameras "
+                                                 "(e.g. for Part-Affinity NeRF)."),
+                     io.Image.Output(display_name="preview",
+                                     tooltip="Per view, each part's map as a heat map over the view, side by side.")],
         )
 
     @classmethod

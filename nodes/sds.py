@@ -524,7 +524,8 @@ class SDSOptimizer(Compose3DNode):
                 _float("modulation_end", 1.0, 0.0, 1.0, 0.0001, "The modulation stops at this fraction of the "
                        "steps (1: at the end)."),
             ],
-            outputs=[NeRFType.Output(display_name="nerf"),
+            outputs=[NeRFType.Output(display_name="nerf", tooltip="The optimised NeRF, for Render NeRF, Export Mesh "
+                                                                  "or further training."),
                      io.Image.Output(display_name="previews", tooltip="4 renders around the result."),
                      io.String.Output(display_name="report", tooltip="Time per step and per phase, peak memory, "
                                                                      "losses and the last checkpoint.")],

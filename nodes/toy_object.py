@@ -20,12 +20,19 @@ class ToyObjectViews(Compose3DNode):
             description="Exact renders of a built-in toy (two spheres on a box, smoothly coloured) from the given "
                         "cameras, with masks. Made at run time: no data is downloaded.",
             inputs=[
-                CamerasType.Input("cameras"),
-                io.Int.Input("width", default=128, min=8, max=4096, step=8),
-                io.Int.Input("height", default=128, min=8, max=4096, step=8),
-                io.Combo.Input("background", options=list(BACKGROUNDS), default="white"),
+                CamerasType.Input("cameras", tooltip="The cameras to render from; one image per camera."),
+                io.Int.Input("width", default=128, min=8, max=4096, step=8,
+                             tooltip="Width of each rendered image in pixels."),
+                io.Int.Input("height", default=128, min=8, max=4096, step=8,
+                             tooltip="Height of each rendered image in pixels."),
+                io.Combo.Input("background", options=list(BACKGROUNDS), default="white",
+                               tooltip="Colour behind the object."),
             ],
-            outputs=[io.Image.Output(display_name="images"), io.Mask.Output(display_name="masks")],
+            outputs=[io.Image.Output(display_name="images",
+                                     tooltip="The toy seen by each camera (N, H, W, 3) in 0..1, over the "
+                                             "background."),
+                     io.Mask.Output(display_name="masks",
+                                    tooltip="Exact object silhouettes (1 = object), one per image (N, H, W).")],
         )
 
     @classmethod

@@ -80,6 +80,26 @@ def test_every_example_workflow_opens_from_the_template_browser(frontend, path):
     frontend.close_dialogs()
 
 
+def test_running_the_camera_rig_shows_the_rig_picture_and_its_json_on_the_preview_node(frontend):
+    """Queued from the Run button: Preview Cameras shows its drawing and, in its text box, the rig as JSON."""
+    path = PACK_ROOT / "example_workflows" / "compose3d_camera_rig.json"
+    workflow = json.loads(path.read_text())
+    mark = frontend.report.mark()
+    frontend.load_template(MODULE, path.stem, expected_nodes=len(workflow["nodes"]))
+    frontend.run()
+    text = frontend.wait_for_node("Compose3D_PreviewCameras", "node.widgets?.find(w => w.name === "
+                                  "'compose3d_report')?.value")
+    images = frontend.wait_for_node("Compose3D_PreviewCameras", "node.imgs?.length")
+    frontend.screenshot(ARTIFACTS / "compose3d_camera_rig_run.png")
+    rig = json.loads(text)
+    assert rig["views"] == 4 and rig["elevation_deg"] == [15.0] * 4 and len(rig["c2w"]) == 4
+    assert images == 1
+    saved = frontend.page.evaluate("() => window.app.graph.serialize().nodes.find("
+                                   "n => n.type === 'Compose3D_PreviewCameras').widgets_values ?? []")
+    assert not any(isinstance(v, str) and '"views"' in v for v in saved), saved  # the report is not saved
+    assert not frontend.report.since(mark).mentioning(PACK_PATTERN)
+
+
 def test_a_pack_node_added_by_hand_starts_with_a_fixed_seed(frontend):
     for node_type in ("Compose3D_NeRFFromViews", "Compose3D_SDSOptimizer", "Compose3D_IdentityTuner"):
         assert frontend.new_node_seed_control(node_type) == "fixed", node_type

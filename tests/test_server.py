@@ -46,6 +46,27 @@ def test_object_info_lists_every_node_from_the_pack(comfy_server):
     assert ours["Compose3D_OrbitCameras"]["category"] == "Compose3D/cameras"
 
 
+def test_every_pack_node_has_a_description_and_a_tooltip_on_every_input_and_output(comfy_server):
+    """What the frontend shows on hover, read from /object_info as the frontend reads it."""
+    info = comfy_server.get_json("/object_info")
+    missing = []
+    for name, node in sorted(info.items()):
+        if not name.startswith("Compose3D_"):
+            continue
+        if len(node.get("description") or "") < 20:
+            missing.append(f"{name}: description")
+        for section in ("required", "optional"):
+            for key, spec in node["input"].get(section, {}).items():
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if not options.get("tooltip"):
+                    missing.append(f"{name}: input {key}")
+        tips = list(node.get("output_tooltips") or [])
+        for i, output in enumerate(node.get("output_name", [])):
+            if i >= len(tips) or not tips[i]:
+                missing.append(f"{name}: output {output}")
+    assert not missing, missing
+
+
 def test_orbit_cameras_over_http_gives_the_official_rig(comfy_server):
     prompt, preview_id = camera_prompt(views=6, elevation=25.0, azimuth_start=30.0, distance=1.5)
     result = comfy_server.run(prompt)
