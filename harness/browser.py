@@ -125,6 +125,21 @@ class Frontend:
             f"type => {{ const node = window.app.graph._nodes.find(n => n.type === type); "
             f"return node ? ({condition}) : null; }}", arg=node_type, timeout=timeout * 1000).json_value()
 
+    def preview_room(self, node_types: list[str]) -> list[dict]:
+        """For each node of ``node_types`` in the open graph: the height its slots and widgets need
+        (``computeSize``), its height, and the free height below it down to the next node that overlaps its
+        column (canvas units; a large number when none) — the room a progress preview can take."""
+        return self.page.evaluate("""types => {
+            const nodes = window.app.graph._nodes, title = window.LiteGraph.NODE_TITLE_HEIGHT;
+            return nodes.filter(n => types.includes(n.type)).map(n => {
+                const [x0, y0] = n.pos, x1 = x0 + n.size[0], y1 = y0 + n.size[1];
+                const below = nodes.filter(m => m !== n && m.pos[0] < x1 && m.pos[0] + m.size[0] > x0
+                                                 && m.pos[1] - title >= y1 - 5);
+                const gap = Math.min(1e6, ...below.map(m => m.pos[1] - title - y1));
+                return {id: n.id, type: n.type, needed: n.computeSize()[1], height: n.size[1], gap};
+            });
+        }""", node_types)
+
     def graph_corner(self) -> tuple[float, float]:
         """Screen position (page pixels) of the open graph's top-left corner, node title bars included."""
         return tuple(self.page.evaluate("""() => {

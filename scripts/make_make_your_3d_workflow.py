@@ -113,14 +113,14 @@ def build() -> None:
            title="Personalised outputs")
 
     # 4. subject-prior tuning of MVDream on them, 5. SDS with the tuned MVDream -> mesh
-    prior = w.node("Compose3D_SubjectPriorTuner", (1860, 80), (340, 520), schema_widgets(SubjectPriorTuner, prompt=MV_PROMPT),
+    prior = w.node("Compose3D_SubjectPriorTuner", (1860, 80), (340, 680), schema_widgets(SubjectPriorTuner, prompt=MV_PROMPT),
                    [("model", "MODEL", (mv, 0), False), ("vae", "VAE", (mv, 2), False), ("clip", "CLIP", (mv, 1), False),
                     ("images", "IMAGE", (outputs, 0), False), ("cameras", "C3D_CAMERAS", (cams, 0), False),
                     ("normals", "IMAGE", None, False)],
                    [("MODEL", "MODEL"), ("lora_name", "STRING")])
-    pos = w.node("CLIPTextEncode", (1860, 640), (320, 120), [MV_PROMPT], [("clip", "CLIP", (mv, 1), False)],
+    pos = w.node("CLIPTextEncode", (1860, 800), (320, 120), [MV_PROMPT], [("clip", "CLIP", (mv, 1), False)],
                  [("CONDITIONING", "CONDITIONING")], title="3D prompt")
-    neg = w.node("CLIPTextEncode", (1860, 800), (320, 120), [NEGATIVE], [("clip", "CLIP", (mv, 1), False)],
+    neg = w.node("CLIPTextEncode", (1860, 960), (320, 120), [NEGATIVE], [("clip", "CLIP", (mv, 1), False)],
                  [("CONDITIONING", "CONDITIONING")], title="Negative (3D)")
     sources = {"model": (prior, 0), "vae": (mv, 2), "positive": (pos, 0), "negative": (neg, 0)}
     sds = w.node("Compose3D_SDSOptimizer", (2240, 80), (360, 1150), sds_widgets(),

@@ -180,7 +180,7 @@ def dreambeast() -> None:
                      [("part_maps", "C3D_PART_MAPS"), ("preview", "IMAGE")])
     w.node("PreviewImage", (1160, 920), (340, 300), [], [("images", "IMAGE", (capture, 1), False)],
            title="Captured part maps")
-    field = w.node("Compose3D_PartAffinityNeRF", (1540, 80), (320, 260), schema_widgets(PartAffinityNeRF,
+    field = w.node("Compose3D_PartAffinityNeRF", (1540, 80), (320, 500), schema_widgets(PartAffinityNeRF,
                                                                                         steps=2000),
                    [("part_maps", "C3D_PART_MAPS", (capture, 0), False), ("nerf", "C3D_NERF", (plain, 0), False)],
                    [("part_field", "C3D_PART_FIELD")])
@@ -191,7 +191,7 @@ def dreambeast() -> None:
                        [(n, t, sources.get(n), False) for n, t in SDS_INPUTS]
                        + [("prompt", "STRING", (text, 0), True), ("parts", "STRING", (parts, 0), True)],
                        SDS_OUTPUTS, title="SDS: part-modulated, steps 1000-7000")
-    w.node("PreviewImage", (1540, 400), (320, 320), [], [("images", "IMAGE", (modulated, 1), False)],
+    w.node("PreviewImage", (1540, 640), (320, 320), [], [("images", "IMAGE", (modulated, 1), False)],
            title="Result")
     mesh_and_turntable(w, (modulated, 0), 2300, "dreambeast")
     w.node("Note", (40, 840), (320, 420), ["DreamBeast: plain MVDream SDS to step 1000 of 7000, then the NeRF is "

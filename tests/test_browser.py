@@ -23,6 +23,11 @@ ARTIFACTS = Path(os.environ.get("COMPOSE3D_ARTIFACTS", PACK_ROOT / "test-artifac
 MODULE = "compose3d"  # the pack's entry in the template browser (its folder name under custom_nodes)
 PACK_PATTERN = r"compose3d"  # what ties a page error to the pack (our URLs, node types, extension file)
 WORKFLOWS = sorted((PACK_ROOT / "example_workflows").glob("*.json"))
+#: Nodes that show a progress preview while they run, and the height (canvas units) the preview needs below their
+#: widgets: inside the node or free below it, so the growing preview covers no neighbour.
+PREVIEW_NODES = ["Compose3D_NeRFFromViews", "Compose3D_SDSOptimizer", "Compose3D_PartAffinityNeRF",
+                 "Compose3D_IdentityTuner", "Compose3D_SubjectPriorTuner"]
+PREVIEW_ROOM = 256
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +79,8 @@ def test_every_example_workflow_opens_from_the_template_browser(frontend, path):
     assert shot.stat().st_size > 10_000
     controls = frontend.seed_controls()  # long runs keep their seed, so an unchanged graph is not re-run
     assert all(value == "fixed" for _, value in controls), controls
+    cramped = [r for r in frontend.preview_room(PREVIEW_NODES) if r["height"] + r["gap"] < r["needed"] + PREVIEW_ROOM]
+    assert not cramped, cramped  # a running node's preview would grow over its neighbour below
     left, top = frontend.graph_corner()  # the saved view opens the graph clear of the sidebar and the top bars
     sidebar, bars = frontend.chrome_edges(path.stem)
     assert left >= sidebar and top >= bars, (left, top, sidebar, bars)
