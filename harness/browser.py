@@ -140,6 +140,27 @@ class Frontend:
             });
         }""", node_types)
 
+    def set_widgets(self, node_type: str, values: dict) -> None:
+        """Set widget values on every ``node_type`` node of the open graph, as typing them in would."""
+        self.page.evaluate("""([type, values]) => {
+            for (const node of window.app.graph._nodes.filter(n => n.type === type))
+                for (const [name, value] of Object.entries(values)) {
+                    const widget = node.widgets.find(w => w.name === name);
+                    widget.value = value;
+                    widget.callback?.(value);
+                }
+        }""", [node_type, values])
+
+    def watch_previews(self) -> None:
+        """Start noting which nodes get a live preview (``app.nodePreviewImages``) while a prompt runs."""
+        self.page.evaluate("""() => { window.__c3dPreviews = new Set(); clearInterval(window.__c3dWatch);
+            window.__c3dWatch = setInterval(() => { for (const id of Object.keys(window.app.nodePreviewImages || {}))
+                window.__c3dPreviews.add(id); }, 50); }""")
+
+    def previews_seen(self) -> list[str]:
+        """Ids of the nodes that showed a live preview since :meth:`watch_previews` (as strings)."""
+        return self.page.evaluate("() => [...(window.__c3dPreviews || [])]")
+
     def graph_corner(self) -> tuple[float, float]:
         """Screen position (page pixels) of the open graph's top-left corner, node title bars included."""
         return tuple(self.page.evaluate("""() => {

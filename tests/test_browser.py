@@ -16,6 +16,7 @@ import pytest
 
 from harness.browser import CHROMIUM_ARGS, Frontend, chromium_path
 from harness.paths import PACK_ROOT
+from test_server import TEST_SIZES
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
@@ -105,6 +106,29 @@ def test_running_the_camera_rig_shows_the_rig_picture_and_its_json_on_the_previe
                                    "n => n.type === 'Compose3D_PreviewCameras').widgets_values ?? []")
     assert not any(isinstance(v, str) and '"views"' in v for v in saved), saved  # the report is not saved
     assert not frontend.report.since(mark).mentioning(PACK_PATTERN)
+
+
+def test_the_demo_runs_from_the_run_button_with_a_live_preview_and_its_mesh_in_preview3d(frontend):
+    """The README's main job as a user runs it (at the server tests' sizes): the reconstruction shows its progress
+    preview while it trains, then the input views, the turntable and the exported mesh appear."""
+    path = PACK_ROOT / "example_workflows" / "compose3d_reconstruct_toy.json"
+    workflow = json.loads(path.read_text())
+    mark = frontend.report.mark()
+    frontend.load_template(MODULE, path.stem, expected_nodes=len(workflow["nodes"]))
+    for node_type, values in TEST_SIZES.items():
+        frontend.set_widgets(node_type, values)
+    frontend.watch_previews()
+    frontend.run()
+    assert frontend.wait_for_node("SaveAnimatedWEBP", "node.imgs?.length", timeout=300) == 1
+    assert frontend.wait_for_node("PreviewImage", "node.imgs?.length") == 20  # the input views: 8 + 8 + 4 cameras
+    mesh = frontend.wait_for_node("Preview3D", "node.widgets.find(w => w.name === 'model_file')?.value")
+    frontend.screenshot(ARTIFACTS / "compose3d_reconstruct_toy_run.png")
+    assert mesh.startswith("Compose3D/demo_toy") and mesh.endswith(".glb"), mesh
+    nerf = next(n["id"] for n in frontend.graph_nodes() if n["type"] == "Compose3D_NeRFFromViews")
+    assert str(nerf) in frontend.previews_seen()
+    errors = frontend.report.since(mark)
+    assert not errors.mentioning(PACK_PATTERN) and not errors.exceptions, (errors.mentioning(PACK_PATTERN),
+                                                                           errors.exceptions)
 
 
 def test_a_pack_node_added_by_hand_starts_with_a_fixed_seed(frontend):
