@@ -59,8 +59,9 @@ def test_the_frontend_loads_the_pack_extension_and_every_node_without_errors(fro
     assert len(types) >= 20, types
     unknown = [t for t, known in frontend.registered(types).items() if not known]
     assert not unknown, f"the frontend did not register {unknown}"
+    # Our extension's URL, node types and ids all contain "compose3d": no console error, uncaught exception or
+    # failed request may mention it. (The frontend itself throws once at start-up, outside any extension.)
     assert not frontend.report.mentioning(PACK_PATTERN), frontend.report.mentioning(PACK_PATTERN)
-    assert not frontend.report.exceptions or not frontend.report.mentioning(r"/extensions/"), frontend.report
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
