@@ -11,6 +11,7 @@ instead by having one resolution level, no middle block and a single transformer
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,6 +313,27 @@ class TinyModels:
     def path(self, folder: str, name: str) -> Path:
         return self.root / folder / name
 
+    def link_standard_names(self) -> None:
+        """Also list each tiny model under the file name the example workflows' loaders use (hard links), so
+        the templates validate and run unchanged but for their sizes. Only the names are real: the weights are
+        the tiny random ones."""
+        for (folder, standard), attribute in STANDARD_NAMES.items():
+            link = self.path(folder, standard)
+            if not link.exists():
+                os.link(self.path(folder, getattr(self, attribute)), link)
+
+
+#: (folder, the file name users have) -> the :class:`TinyModels` field of the tiny model in the same layout.
+STANDARD_NAMES = {
+    ("checkpoints", "sd-v2.1-base-4view.safetensors"): "mvdream_checkpoint",
+    ("checkpoints", "sd-v1.5-4view.safetensors"): "mvdream_sd15_checkpoint",
+    ("checkpoints", "sd3_medium_incl_clips.safetensors"): "sd3_checkpoint",
+    ("checkpoints", "v2-1_512-ema-pruned.safetensors"): "sd15_2d_checkpoint",
+    ("checkpoints", "v1-5-pruned-emaonly.safetensors"): "sd15_2d_checkpoint",
+    ("ipadapter", "ip-adapter_sd15.safetensors"): "ip_adapter",
+    ("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"): "clip_vision",
+}
+
 
 def build_tiny_models(models_root: Path) -> TinyModels:
     """Write every tiny model into ``models_root/<folder>/`` (checkpoints, diffusion_models, ipadapter,
@@ -352,6 +374,7 @@ def build_tiny_models(models_root: Path) -> TinyModels:
     adapter = ip_adapter_state_dict([320] * SD15_IP_CROSS_ATTENTION_LAYERS, embed_dim=768, seed=1507)
     save_file(adapter, tm.path("ipadapter", tm.ip_adapter), metadata={"compose3d": "tiny ip-adapter"})
     build_clip_vision(tm)
+    tm.link_standard_names()
     return tm
 
 

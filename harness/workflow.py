@@ -67,3 +67,86 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict[str, Any]]:
                     i += 1
         prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
     return prompt
+
+
+def _accepts(wanted: str, given: str) -> bool:
+    """Whether an input of type ``wanted`` takes a link of type ``given`` (ComfyUI's rule: equal, a "*" on
+    either side, or one of the comma-separated types)."""
+    if "*" in (wanted, given):
+        return True
+    return bool(set(wanted.split(",")) & set(given.split(",")))
+
+
+def _value_problem(spec: list, value: Any) -> str | None:
+    """Why ``value`` is not allowed for a widget input declared as ``spec``, or None."""
+    kind = spec[0]
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
+    if choices is not None:
+        return None if value in choices else f"{value!r} is not one of its {len(choices)} choices"
+    if kind == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{value!r} is not a boolean"
+    if kind == "STRING":
+        return None if isinstance(value, str) else f"{value!r} is not a string"
+    if kind in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{value!r} is not a number"
+        if kind == "INT" and value != int(value):
+            return f"{value!r} is not a whole number"
+        if value != value:
+            return "is NaN"
+        if "min" in options and value < options["min"]:
+            return f"{value!r} is below its minimum {options['min']!r}"
+        if "max" in options and value > options["max"]:
+            return f"{value!r} is above its maximum {options['max']!r}"
+    return None
+
+
+def check_workflow(workflow: dict, object_info: dict) -> list[str]:
+    """Everything in a UI-format ``workflow`` that the server described by ``object_info`` would refuse or
+    that ComfyUI does not check itself (V3 combo values, NaN): unknown node types, links between unmatched
+    types, required inputs left unconnected, and widget values that are not allowed (a combo value not in its
+    list, e.g. a model file the server does not have; a number outside its range). Returns one line per problem;
+    an empty list is a workflow that validates."""
+    problems: list[str] = []
+    nodes = {n["id"]: n for n in workflow["nodes"] if n["type"] not in SKIPPED_TYPES}
+    unknown = [n for n in nodes.values() if n["type"] not in object_info]
+    problems += [f"node {n['id']}: type {n['type']!r} is unknown to the server" for n in unknown]
+    if unknown:
+        return problems
+    for link_id, src, src_slot, dst, dst_slot, link_type in (link[:6] for link in workflow.get("links", [])):
+        if src not in nodes or dst not in nodes:
+            continue  # a note or a muted node
+        outputs = object_info[nodes[src]["type"]]["output"]
+        given = outputs[src_slot] if src_slot < len(outputs) else None
+        target = nodes[dst]["inputs"][dst_slot]["name"] if dst_slot < len(nodes[dst].get("inputs", [])) else None
+        info = object_info[nodes[dst]["type"]]["input"]
+        spec = info.get("required", {}).get(target) or info.get("optional", {}).get(target)
+        if given is None or spec is None:
+            problems.append(f"link {link_id}: node {src} output {src_slot} -> node {dst} input {target!r} do not "
+                            f"exist")
+            continue
+        wanted = "COMBO" if isinstance(spec[0], list) else spec[0]
+        if not _accepts(wanted, given if isinstance(given, str) else "COMBO"):
+            problems.append(f"link {link_id}: node {src} ({nodes[src]['type']}) gives {given}, but node {dst} "
+                            f"({nodes[dst]['type']}) input {target!r} takes {wanted}")
+        if link_type != given and isinstance(given, str) and not _accepts(link_type, given):
+            problems.append(f"link {link_id}: saved as {link_type}, but its source gives {given}")
+    prompt = ui_to_api({**workflow, "nodes": [n for n in workflow["nodes"] if n["id"] in nodes]}, object_info)
+    for node_id, node in prompt.items():
+        info = object_info[node["class_type"]]["input"]
+        for section in ("required", "optional"):
+            for name, spec in info.get(section, {}).items():
+                value = node["inputs"].get(name)
+                where = f"node {node_id} ({node['class_type']}) input {name!r}"
+                if value is None:
+                    if section == "required":
+                        problems.append(f"{where}: required, but neither linked nor set")
+                    continue
+                if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                    continue  # a link, checked above
+                if _is_widget(spec):
+                    problem = _value_problem(spec, value)
+                    if problem:
+                        problems.append(f"{where}: {problem}")
+    return problems

@@ -14,7 +14,7 @@ from comfy_execution.graph_utils import GraphBuilder
 from compose3d.nodes import NODES
 from harness.paths import PACK_ROOT
 from harness.server import PromptRejected
-from harness.workflow import ui_to_api
+from harness.workflow import check_workflow, ui_to_api
 from oracles import mvdream_get_camera, orbit_c2w
 
 pytestmark = pytest.mark.server
@@ -132,6 +132,35 @@ def test_example_workflows_are_served_as_templates_with_thumbnails(comfy_server)
         served = comfy_server.get_json(f"/api/workflow_templates/compose3d/{path.name}")
         assert served == json.loads(path.read_text())
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
+
+
+@pytest.mark.parametrize("path", example_workflows(), ids=lambda p: p.stem)
+def test_every_example_workflow_validates_against_the_servers_object_info(comfy_server, tiny_models, path):
+    """Every node exists, every link joins matching types, every required input is set and every widget value
+    is allowed (combo values, model files included, and number ranges; ComfyUI 0.3.75 checks neither V3 combos
+    nor NaN). The server lists the tiny models also under the standard file names the loaders use
+    (``TinyModels.link_standard_names``), and the subject photo of Make-Your-3D is put in its input folder."""
+    from test_server_make_your_3d import subject_photo
+
+    subject_photo(comfy_server)
+    workflow = json.loads(path.read_text())
+    assert check_workflow(workflow, comfy_server.get_json("/object_info")) == []
+
+
+def test_the_workflow_check_catches_a_wrong_model_file_a_bad_combo_and_a_mismatched_link(comfy_server):
+    """The broken variant: the same check on a damaged copy of the refocus template names each problem."""
+    workflow = json.loads((PACK_ROOT / "example_workflows" / "compose3d_refocus_4views.json").read_text())
+    by_type = {n["type"]: n for n in workflow["nodes"]}
+    by_type["Compose3D_MVDreamLoader"]["widgets_values"][0] = "sd-v2.1-base-4view.ckpt"
+    by_type["BasicScheduler"]["widgets_values"][0] = "not_a_scheduler"
+    decode = by_type["VAEDecode"]
+    samples = next(i for i in decode["inputs"] if i["name"] == "samples")
+    link = next(link for link in workflow["links"] if link[0] == samples["link"])
+    link[1], link[2] = by_type["Compose3D_MVDreamLoader"]["id"], 0  # the MODEL where a LATENT belongs
+    problems = check_workflow(workflow, comfy_server.get_json("/object_info"))
+    assert any("'sd-v2.1-base-4view.ckpt' is not one of" in p for p in problems), problems
+    assert any("'not_a_scheduler' is not one of" in p for p in problems), problems
+    assert any("gives MODEL, but" in p and "'samples' takes LATENT" in p for p in problems), problems
 
 
 #: Loader nodes whose files (real weights) the test machine does not have. Workflows using them run in their own

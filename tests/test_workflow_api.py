@@ -51,3 +51,50 @@ def test_a_widget_turned_into_an_input_takes_the_link_and_keeps_its_slot():
 def test_unsupported_or_broken_workflows_are_refused(wf, message):
     with pytest.raises(ValueError, match=message):
         ui_to_api(wf, OBJECT_INFO)
+
+
+CHECK_INFO = {
+    **OBJECT_INFO,
+    "Loader": {**OBJECT_INFO["Loader"], "output": ["MODEL"]},
+    "Sampler": {**OBJECT_INFO["Sampler"], "output": ["LATENT"]},
+    "Picker": {"input": {"required": {"mode": ["COMBO", {"options": ["fast", "exact"]}],
+                                      "scale": ["FLOAT", {"min": 0.0, "max": 2.0}],
+                                      "flag": ["BOOLEAN", {}]}},
+               "input_order": {"required": ["mode", "scale", "flag"]}, "output": ["LATENT"]},
+    "Sink": {"input": {"required": {"latent": ["LATENT"]}, "optional": {"any": ["*"]}},
+             "input_order": {"required": ["latent"], "optional": ["any"]}, "output": []},
+}
+
+
+def test_a_valid_workflow_has_no_problems():
+    from harness.workflow import check_workflow
+
+    wf = {"nodes": [node(1, "Loader", ["a.safetensors"]), node(2, "Sampler", [3, "fixed", 10, 7.0],
+                                                                   inputs=[("model", 1)]),
+                    node(3, "Picker", ["exact", 1.5, True]), node(4, "Sink", [], inputs=[("latent", 2), ("any", 3)]),
+                    node(5, "Note", ["hello"])],
+          "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 4, 0, "LATENT"], [3, 3, 0, 4, 1, "LATENT"]]}
+    assert check_workflow(wf, CHECK_INFO) == []
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda wf: wf["nodes"][0]["widgets_values"].__setitem__(0, "c.safetensors"), "'c.safetensors' is not one of"),
+    (lambda wf: wf["nodes"][2]["widgets_values"].__setitem__(0, "slow"), "'slow' is not one of its 2 choices"),
+    (lambda wf: wf["nodes"][2]["widgets_values"].__setitem__(1, 2.5), "above its maximum 2.0"),
+    (lambda wf: wf["nodes"][2]["widgets_values"].__setitem__(1, float("nan")), "is NaN"),
+    (lambda wf: wf["nodes"][2]["widgets_values"].__setitem__(2, "yes"), "is not a boolean"),
+    (lambda wf: wf["nodes"][1]["widgets_values"].__setitem__(2, 2.5), "not a whole number"),
+    (lambda wf: wf["links"].__setitem__(1, [2, 1, 0, 4, 0, "MODEL"]), "gives MODEL, but node 4 (Sink) input 'latent' takes LATENT"),
+    (lambda wf: wf["nodes"][3]["inputs"][0].__setitem__("link", None), "'latent': required, but neither"),
+    (lambda wf: wf["nodes"][0].__setitem__("type", "Gone"), "type 'Gone' is unknown"),
+])
+def test_each_kind_of_problem_is_named(change, expected):
+    from harness.workflow import check_workflow
+
+    wf = {"nodes": [node(1, "Loader", ["a.safetensors"]), node(2, "Sampler", [3, "fixed", 10, 7.0],
+                                                                   inputs=[("model", 1)]),
+                    node(3, "Picker", ["exact", 1.5, True]), node(4, "Sink", [], inputs=[("latent", 2)])],
+          "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 4, 0, "LATENT"]]}
+    change(wf)
+    problems = check_workflow(wf, CHECK_INFO)
+    assert len(problems) == 1 and expected in problems[0], problems
