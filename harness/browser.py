@@ -161,6 +161,27 @@ class Frontend:
         """Ids of the nodes that showed a live preview since :meth:`watch_previews` (as strings)."""
         return self.page.evaluate("() => [...(window.__c3dPreviews || [])]")
 
+    def legend_pixels(self, node_type: str) -> list[dict]:
+        """The part legend the pack's extension drew on the first ``node_type`` node, read back from the canvas:
+        for each chip, its part name, the colour it should have and the canvas pixel at its centre (r, g, b).
+        The node is centred at scale 1 first, so it is drawn in full detail."""
+        return self.page.evaluate("""async type => {
+            const canvas = window.app.canvas, node = window.app.graph._nodes.find(n => n.type === type);
+            canvas.ds.scale = 1;
+            canvas.centerOnNode(node);
+            canvas.setDirty(true, true);
+            await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+            const widget = node.widgets.find(w => w.name === 'compose3d_legend');
+            const ds = canvas.ds, ratio = canvas.canvas.width / canvas.canvas.getBoundingClientRect().width;
+            const ctx = canvas.canvas.getContext('2d');
+            return (widget?.drawnChips ?? []).map(c => {
+                const x = (node.pos[0] + c.x + c.size / 2 + ds.offset[0]) * ds.scale * ratio;
+                const y = (node.pos[1] + c.y + c.size / 2 + ds.offset[1]) * ds.scale * ratio;
+                const [r, g, b] = ctx.getImageData(Math.round(x), Math.round(y), 1, 1).data;
+                return {name: c.name, color: c.color, pixel: [r, g, b], layout: widget.value.layout};
+            });
+        }""", node_type)
+
     def graph_corner(self) -> tuple[float, float]:
         """Screen position (page pixels) of the open graph's top-left corner, node title bars included."""
         return tuple(self.page.evaluate("""() => {

@@ -180,6 +180,13 @@ def part_colors(parts: int) -> Tensor:
     return (0.5 + 0.5 * wave).clamp(0.0, 1.0)
 
 
+def part_legend(parts: tuple[str, ...] | list[str]) -> list[dict[str, str]]:
+    """``[{"name", "color"}]`` per part in map order, ``color`` the part's ``#rrggbb`` in :func:`colored_preview`:
+    what a viewer needs to read a part preview (the colours) or a heat-map row (the column order)."""
+    rgb = (part_colors(len(parts)) * 255.0).round().to(torch.uint8).tolist()
+    return [{"name": name, "color": "#{:02x}{:02x}{:02x}".format(*c)} for name, c in zip(parts, rgb)]
+
+
 def colored_preview(maps: Tensor) -> Tensor:
     """(V, K, H, W) -> (V, H, W, 3): each pixel in the colour of its parts, weighted by their normalised maps
     and as bright as the strongest of them (black where every map is 0)."""

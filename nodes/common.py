@@ -124,3 +124,22 @@ def latent_preview_image(model, latent: torch.Tensor):
     if previewer is None:
         return None
     return previewer.decode_latent_to_preview_image("JPEG", latent[None].detach())
+
+
+#: The ui key of a part legend, read by web/compose3d.js to label a node's part or heat-map preview.
+LEGEND_KEY = "compose3d_legend"
+
+
+def preview_with_legend(cls, images: torch.Tensor, parts, layout: str) -> dict:
+    """The ui of a node that shows ``images`` (N, H, W, 3) on itself, with a legend of ``parts`` for the
+    frontend: ``layout`` "colors" (each part in its colour, :func:`~compose3d.kernels.part_maps.colored_preview`)
+    or "columns" (each image has one column per part, in order, as
+    :func:`~compose3d.kernels.part_maps.heat_map_preview`). Values are lists, as ComfyUI merges ui of list
+    runs by concatenation."""
+    from comfy_api.latest import ui
+
+    from ..kernels.part_maps import part_legend
+
+    shown = ui.PreviewImage(images, cls=cls).as_dict()
+    shown[LEGEND_KEY] = [{"layout": layout, "parts": part_legend(list(parts))}]
+    return shown

@@ -9,7 +9,7 @@ from ..kernels.part_maps import PartMaps, colored_preview, heat_map_preview
 from ..kernels.tokens import PhraseWording, parse_phrases
 from ..kernels.toy_object import TOY_PARTS, render_toy_part_maps
 from ..kernels.renderer import RenderSettings
-from .common import Progress, check_interrupt, compute_device
+from .common import Progress, check_interrupt, compute_device, preview_with_legend
 from .types import CATEGORY, CamerasType, NeRFType, PartFieldType, PartMapsType
 from .validation import Compose3DNode
 
@@ -80,6 +80,7 @@ class RenderPartMaps(Compose3DNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="Compose3D_RenderPartMaps",
+            is_output_node=True,  # shows its preview on itself, with the parts' legend
             display_name="Render Part Maps",
             category=f"{CATEGORY}/parts",
             description="Part maps of a part field seen from the given cameras (one map per view and part, 0..1), "
@@ -105,7 +106,9 @@ class RenderPartMaps(Compose3DNode):
         progress = Progress(len(cameras) * size * size)
         maps = render_part_maps(field, cameras, size, size, settings,
                                 on_progress=lambda done, total: progress.update(done))
-        return io.NodeOutput(maps, colored_preview(maps.maps), heat_map_preview(maps.maps))
+        colored = colored_preview(maps.maps)
+        return io.NodeOutput(maps, colored, heat_map_preview(maps.maps),
+                             ui=preview_with_legend(cls, colored, maps.parts, "colors"))
 
 
 class PartMapsToMasks(Compose3DNode):
@@ -187,6 +190,7 @@ class TestObjectPartMaps(Compose3DNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="Compose3D_TestObjectPartMaps",
+            is_output_node=True,  # shows its preview on itself, with the parts' legend
             display_name="Test Object Part Maps",
             category=f"{CATEGORY}/testing",
             description=f"Exact part maps of the built-in toy (Test Object Views) from the given cameras: parts "
@@ -205,4 +209,5 @@ class TestObjectPartMaps(Compose3DNode):
     @classmethod
     def execute(cls, cameras, size) -> io.NodeOutput:
         maps = PartMaps(render_toy_part_maps(cameras, size, size), cameras, TOY_PARTS, "exact")
-        return io.NodeOutput(maps, colored_preview(maps.maps))
+        colored = colored_preview(maps.maps)
+        return io.NodeOutput(maps, colored, ui=preview_with_legend(cls, colored, maps.parts, "colors"))

@@ -30,7 +30,7 @@ from ..kernels.cameras import Cameras, view_directions
 from ..kernels.part_maps import (MapAccumulator, PartMaps, heat_map_preview, official_part_maps,
                                  probability_part_maps, resize_maps, token_grid)
 from .attention_patch import JointAttentionCall, patch_mmdit_attention
-from .common import Progress, check_interrupt
+from .common import Progress, check_interrupt, preview_with_legend
 from ..kernels.tokens import parse_phrases
 from .tokens import PhraseWording, PhraseTokens, locate_phrases
 from .types import CATEGORY, CamerasType, PartMapsType
@@ -297,6 +297,7 @@ class SD3AttentionCapture(Compose3DNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="Compose3D_SD3AttentionCapture",
+            is_output_node=True,  # shows its preview on itself, with the parts' legend
             display_name="SD3 Attention Capture",
             category=f"{CATEGORY}/parts",
             description="Finds where each part phrase of the prompt is in each view: every view is noised and "
@@ -375,4 +376,4 @@ class SD3AttentionCapture(Compose3DNode):
         maps, _ = capture_part_maps(model, clip, vae, views, cameras, prompt, phrases, negative, settings,
                                     resolution, map_size, seed, text_tokens, view_words, on_progress)
         preview = heat_map_preview(maps.maps, views[..., :3])
-        return io.NodeOutput(maps, preview)
+        return io.NodeOutput(maps, preview, ui=preview_with_legend(cls, preview, maps.parts, "columns"))

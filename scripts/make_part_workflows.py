@@ -45,21 +45,15 @@ def part_affinity() -> None:
                       ("vae", "VAE", (loader, 2), False), ("views", "IMAGE", (views, 0), False),
                       ("cameras", "C3D_CAMERAS", (ring, 0), False)],
                      [("part_maps", "C3D_PART_MAPS"), ("preview", "IMAGE")])
-    w.node("PreviewImage", (760, 60), (320, 300), [], [("images", "IMAGE", (capture, 1), False)],
-           title="Captured part maps")
-    field = w.node("Compose3D_PartAffinityNeRF", (760, 660), (320, 260), schema_widgets(PartAffinityNeRF),
+    # the capture and Render Part Maps show their previews on themselves, with the parts' legend
+    field = w.node("Compose3D_PartAffinityNeRF", (760, 310), (320, 260), schema_widgets(PartAffinityNeRF),
                    [("part_maps", "C3D_PART_MAPS", (capture, 0), False), ("nerf", "C3D_NERF", (nerf, 0), False)],
                    [("part_field", "C3D_PART_FIELD")])
-    new_views = w.node("Compose3D_OrbitCameras", (760, 410), (320, 200), [4, 30, 45, 360, 2.5, 40],
+    new_views = w.node("Compose3D_OrbitCameras", (760, 60), (320, 200), [4, 30, 45, 360, 2.5, 40],
                        outputs=[("cameras", "C3D_CAMERAS")], title="New views")
-    render = w.node("Compose3D_RenderPartMaps", (1120, 60), (320, 130), [256, 0],
-                    [("part_field", "C3D_PART_FIELD", (field, 0), False),
-                     ("cameras", "C3D_CAMERAS", (new_views, 0), False)],
-                    [("part_maps", "C3D_PART_MAPS"), ("preview", "IMAGE"), ("heat_maps", "IMAGE")])
-    w.node("PreviewImage", (1120, 240), (360, 360), [], [("images", "IMAGE", (render, 1), False)],
-           title="Parts seen from new views")
-    w.node("PreviewImage", (1120, 650), (360, 300), [], [("images", "IMAGE", (render, 2), False)],
-           title="Part heat maps")
+    w.node("Compose3D_RenderPartMaps", (1120, 60), (360, 420), [256, 0],
+           [("part_field", "C3D_PART_FIELD", (field, 0), False), ("cameras", "C3D_CAMERAS", (new_views, 0), False)],
+           [("part_maps", "C3D_PART_MAPS"), ("preview", "IMAGE"), ("heat_maps", "IMAGE")])
     w.node("Note", (40, 490), (300, 330), ["DreamBeast's part knowledge, made 3D. SD3 reads each view of the object "
            "with the prompt plus a view word and its attention to each part phrase ('head, body, base') becomes a "
            "part map per view (block 11, timesteps 100-450, as DreamBeast). The Part-Affinity NeRF learns those "

@@ -178,8 +178,7 @@ def dreambeast() -> None:
                       ("cameras", "C3D_CAMERAS", (cams, 0), False), ("prompt", "STRING", (text, 0), True),
                       ("parts", "STRING", (parts, 0), True)],
                      [("part_maps", "C3D_PART_MAPS"), ("preview", "IMAGE")])
-    w.node("PreviewImage", (1160, 920), (340, 300), [], [("images", "IMAGE", (capture, 1), False)],
-           title="Captured part maps")
+    # the capture shows its heat maps (with the parts' legend) on itself, in the room left below it
     field = w.node("Compose3D_PartAffinityNeRF", (1540, 80), (320, 500), schema_widgets(PartAffinityNeRF,
                                                                                         steps=2000),
                    [("part_maps", "C3D_PART_MAPS", (capture, 0), False), ("nerf", "C3D_NERF", (plain, 0), False)],

@@ -17,6 +17,7 @@ import pytest
 from harness.browser import CHROMIUM_ARGS, Frontend, chromium_path
 from harness.paths import PACK_ROOT
 from test_server import TEST_SIZES
+from test_server_parts import TEST_SIZES as PART_TEST_SIZES
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
@@ -27,7 +28,8 @@ WORKFLOWS = sorted((PACK_ROOT / "example_workflows").glob("*.json"))
 #: Nodes that show a progress preview while they run, and the height (canvas units) the preview needs below their
 #: widgets: inside the node or free below it, so the growing preview covers no neighbour.
 PREVIEW_NODES = ["Compose3D_NeRFFromViews", "Compose3D_SDSOptimizer", "Compose3D_PartAffinityNeRF",
-                 "Compose3D_IdentityTuner", "Compose3D_SubjectPriorTuner"]
+                 "Compose3D_IdentityTuner", "Compose3D_SubjectPriorTuner", "Compose3D_SD3AttentionCapture",
+                 "Compose3D_RenderPartMaps", "Compose3D_TestObjectPartMaps"]
 PREVIEW_ROOM = 256
 
 
@@ -128,6 +130,43 @@ def test_the_demo_runs_from_the_run_button_with_a_live_preview_and_its_mesh_in_p
     assert mesh.startswith("Compose3D/demo_toy") and mesh.endswith(".glb"), mesh
     nerf = next(n["id"] for n in frontend.graph_nodes() if n["type"] == "Compose3D_NeRFFromViews")
     assert str(nerf) in frontend.previews_seen()
+    errors = frontend.report.since(mark)
+    assert not errors.mentioning(PACK_PATTERN) and not errors.exceptions, (errors.mentioning(PACK_PATTERN),
+                                                                           errors.exceptions)
+
+
+def hex_rgb(color: str) -> tuple[int, int, int]:
+    return tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))
+
+
+def test_the_part_affinity_template_runs_on_the_tiny_sd3_with_labelled_part_previews_on_its_nodes(frontend):
+    """From the Run button, with the tiny SD3 listed under the template's file name: SD3 Attention Capture shows
+    its heat maps on itself and Render Part Maps its coloured parts, each with the extension's legend drawn
+    above them, read back from the canvas pixels (a chip's pixel is its part's colour)."""
+    path = PACK_ROOT / "example_workflows" / "compose3d_part_affinity.json"
+    workflow = json.loads(path.read_text())
+    mark = frontend.report.mark()
+    frontend.load_template(MODULE, path.stem, expected_nodes=len(workflow["nodes"]))
+    for node_type, values in PART_TEST_SIZES.items():
+        frontend.set_widgets(node_type, values)
+    frontend.watch_previews()
+    frontend.run()
+    # the run's images replace the live preview: one per view (8 captured, 4 rendered)
+    shown = "node.widgets?.some(w => w.name === 'compose3d_legend') && node.imgs?.length === {0} && {0}"
+    assert frontend.wait_for_node("Compose3D_RenderPartMaps", shown.format(4), timeout=300) == 4
+    assert frontend.wait_for_node("Compose3D_SD3AttentionCapture", shown.format(8)) == 8
+    for node_type, layout in (("Compose3D_SD3AttentionCapture", "columns"), ("Compose3D_RenderPartMaps", "colors")):
+        chips = frontend.legend_pixels(node_type)
+        frontend.screenshot(ARTIFACTS / f"compose3d_part_affinity_run_{node_type.split('_')[1]}.png")
+        assert [c["name"] for c in chips] == ["head", "body", "base"], (node_type, chips)
+        assert all(c["layout"] == layout for c in chips)
+        off = [c for c in chips if max(abs(a - b) for a, b in zip(c["pixel"], hex_rgb(c["color"]))) > 3]
+        assert not off, off  # each chip is on the canvas in its part's colour
+    seen = frontend.previews_seen()
+    ids = {n["type"]: str(n["id"]) for n in frontend.graph_nodes()}
+    assert ids["Compose3D_SD3AttentionCapture"] in seen, seen
+    saved = frontend.page.evaluate("() => JSON.stringify(window.app.graph.serialize())")
+    assert "drawnChips" not in saved and '"layout"' not in saved  # the legend is not saved with the workflow
     errors = frontend.report.since(mark)
     assert not errors.mentioning(PACK_PATTERN) and not errors.exceptions, (errors.mentioning(PACK_PATTERN),
                                                                            errors.exceptions)
