@@ -135,6 +135,39 @@ def test_the_demo_runs_from_the_run_button_with_a_live_preview_and_its_mesh_in_p
                                                                            errors.exceptions)
 
 
+def test_the_frontends_own_vue_i18n_shows_our_locale_strings_verbatim(frontend, comfy_server):
+    """What GET /i18n serves for "en" (locales/en), put through the vue-i18n build the page itself loads (its
+    import map's), set up as the frontend does: every message shows exactly the schema's text (vue-i18n syntax
+    such as "|" in a tooltip is escaped by scripts/make_locales.py)."""
+    from test_locales import entry_from_object_info, leaves
+
+    served = comfy_server.get_json("/i18n")["en"]
+    info = comfy_server.get_json("/object_info")
+    # the plain text the frontend shows without our locale, straight from /object_info: the oracle
+    expected = leaves({"nodeDefs": {name: entry_from_object_info(node) for name, node in info.items()
+                                    if node.get("python_module", "").endswith(MODULE)}})
+    module = frontend.page.evaluate("""() => {
+        const map = JSON.parse(document.querySelector('script[type=importmap]').textContent);
+        return map.imports['vue-i18n'];
+    }""")
+    shown = frontend.page.evaluate("""async ([module, messages, keys]) => {
+        const { createI18n } = await import(module);
+        const i18n = createI18n({ legacy: false, locale: 'en', fallbackLocale: 'en', messages: { en: {} },
+                                  missingWarn: false, fallbackWarn: false });
+        i18n.global.mergeLocaleMessage('en', messages);
+        const shown = {};
+        for (const key of keys) {
+            try { shown[key] = i18n.global.te(key) ? i18n.global.t(key) : null; }
+            catch (e) { shown[key] = 'compile error: ' + e.message; }
+        }
+        return shown;
+    }""", [module, served, sorted(expected)])
+    wrong = {key: (shown[key], text) for key, text in expected.items() if shown[key] != text}
+    assert not wrong, f"{len(wrong)} messages the frontend would show differently (shown, schema): {wrong}"
+    tooltip = shown["nodeDefs.Compose3D_ViewConsistency.outputs.2.tooltip"]
+    assert "|" in tooltip  # a vue-i18n plural separator, shown as text because it is escaped
+
+
 def hex_rgb(color: str) -> tuple[int, int, int]:
     return tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))
 
