@@ -23,7 +23,9 @@ MODEL_FOLDERS = ("checkpoints", "diffusion_models", "vae", "text_encoders", "lor
 
 
 class PromptRejected(Exception):
-    """POST /prompt answered 400: ComfyUI's validation refused the prompt."""
+    """ComfyUI's validation refused the prompt (POST /prompt answered 400), or part of it: when some outputs are
+    valid ComfyUI answers 200, queues those and names the others' errors in ``node_errors``, which the frontend
+    shows as errors; so does this client."""
 
     def __init__(self, body: dict):
         self.body = body
@@ -185,7 +187,7 @@ class ComfyServer:
     def queue(self, prompt: dict, client_id: str | None = None) -> str:
         """POST /prompt; returns the prompt id or raises PromptRejected with ComfyUI's errors."""
         status, body = self.request("POST", "/prompt", {"prompt": prompt, "client_id": client_id or "tests"})
-        if status != 200:
+        if status != 200 or (isinstance(body, dict) and body.get("node_errors")):
             raise PromptRejected(body if isinstance(body, dict) else {"error": body})
         return body["prompt_id"]
 

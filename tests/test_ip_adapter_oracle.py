@@ -18,7 +18,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ip_adapter_oracle import (LDM_UNET_PREFIX, attn2_modules, comfy_sigma, comfy_unet_input, diffusers_eps,
