@@ -19,7 +19,7 @@ from harness.comfyui import default_cache, ensure_comfyui  # noqa: E402
 from harness.server import ComfyServer  # noqa: E402
 from harness.workflow import ui_to_api  # noqa: E402
 
-DEFAULT_WORKFLOW = ROOT / "example_workflows" / "compose3d_reconstruct_toy.json"
+DEFAULT_WORKFLOW = ROOT / "example_workflows" / "Reconstruction demo.json"
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Write the Make-Your-3D example workflow (UI format) into example_workflows/compose3d_make_your_3d.json.
+"""Write the Make-Your-3D example workflow (UI format) into example_workflows/Make-Your-3D - subject photo to 3D.json.
 
 One subject photo -> that subject in 3D, the paper's co-evolution in ComfyUI nodes:
 
@@ -27,7 +27,7 @@ from make_sds_workflows import LOADER_OUTPUTS, NEGATIVE, SDS_INPUTS, SDS_OUTPUTS
     sds_widgets  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parents[1] / "example_workflows"
-NAME = "compose3d_make_your_3d.json"
+NAME = "Make-Your-3D - subject photo to 3D.json"
 SUBJECT_IMAGE = "subject.png"
 MV_CHECKPOINT = "sd-v1.5-4view.safetensors"
 CHECKPOINT_2D = "v1-5-pruned-emaonly.safetensors"

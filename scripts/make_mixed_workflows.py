@@ -1,9 +1,9 @@
 """Write the two mixed-score example workflows (UI format) and their thumbnails into example_workflows/.
 
-- compose3d_mixed_score_4views.json: MVDream (sd-v2.1-base-4view) and a 2D model (SD2.1-base, which shares its
+- Mixed-score 4 views.json: MVDream (sd-v2.1-base-4view) and a 2D model (SD2.1-base, which shares its
   text encoder family) -> Lambda Schedule (lambda 0.3 at t = 1000 rising to 0.9 at t = 0) -> Mixed-Score Guider
   -> core SamplerCustomAdvanced (DDIM, 50 steps) -> 4 views, and View Consistency Score on them.
-- compose3d_mixed_score_text_to_3d.json: the distillation-free text-to-3D path: Mixed-Score DDIM Sampler (one
+- Text to 3D - mixed score without distillation.json: the distillation-free text-to-3D path: Mixed-Score DDIM Sampler (one
   node) -> 4 views -> NeRF From Views -> Export Mesh -> Preview3D, and a turntable.
 
 Thumbnails are real outputs made here without model weights: the Lambda Schedule node's own curve next to views
@@ -113,7 +113,7 @@ def views_4() -> None:
            "rises as t falls. View Consistency Score fits a NeRF to the views and reports how well one 3D object "
            "explains them (lower is more consistent): compare lambda schedules by it. Needs sd-v2.1-base-4view and "
            "v2-1_512-ema-pruned (SD2.1-base) in models/checkpoints."])
-    w.save(FOLDER, "compose3d_mixed_score_4views.json")
+    w.save(FOLDER, "Mixed-score 4 views.json")
 
 
 def text_to_3d() -> None:
@@ -143,7 +143,7 @@ def text_to_3d() -> None:
            "NeRF From Views reconstructs them with the same cameras; the NeRF is exported as a textured .glb "
            "(Preview3D) and a turntable. Minutes instead of an SDS run. Needs sd-v2.1-base-4view and "
            "v2-1_512-ema-pruned (SD2.1-base) in models/checkpoints."])
-    w.save(FOLDER, "compose3d_mixed_score_text_to_3d.json")
+    w.save(FOLDER, "Text to 3D - mixed score without distillation.json")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Write the Part-Affinity example workflow (UI format) into example_workflows/.
 
-compose3d_part_affinity.json (DreamBeast, part 1): test-object views and a NeRF of them -> SD3 Attention Capture
+Part maps - SD3 capture and Part-Affinity NeRF.json (DreamBeast, part 1): test-object views and a NeRF of them -> SD3 Attention Capture
 (part maps of the views) -> Part-Affinity NeRF on the NeRF's geometry -> Render Part Maps for new views.
 
     python scripts/make_part_workflows.py [--no-thumbnail]   (the thumbnail trains two fields: ~4 min on a CPU)
@@ -16,7 +16,7 @@ from harness.inprocess import init_comfy  # noqa: E402
 from harness.ui_workflow import Workflow, schema_widgets  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parents[1] / "example_workflows"
-NAME = "compose3d_part_affinity.json"
+NAME = "Part maps - SD3 capture and Part-Affinity NeRF.json"
 SD3_CHECKPOINT = "sd3_medium_incl_clips.safetensors"
 PROMPT = "a toy figure with a round head and a round body on a wooden base"
 PARTS = "head, body, base"

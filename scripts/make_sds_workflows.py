@@ -1,10 +1,10 @@
 """Write the three SDS example workflows (UI format) into example_workflows/.
 
-- compose3d_sds_text_to_3d.json: MVDream loader -> prompts -> SDS Optimizer -> Export Mesh -> Preview3D, and a
+- Text to 3D - SDS.json: MVDream loader -> prompts -> SDS Optimizer -> Export Mesh -> Preview3D, and a
   turntable (Orbit Cameras -> Render NeRF -> animated WEBP).
-- compose3d_grounded_dreamer.json: the refocus template's 4 views (compositional prompt, refocused DDIM) -> SDS
+- Text to 3D - Grounded-Dreamer.json: the refocus template's 4 views (compositional prompt, refocused DDIM) -> SDS
   Optimizer with those views and their cameras as references (Grounded-Dreamer's hybrid) -> mesh -> Preview3D.
-- compose3d_dreambeast.json: DreamBeast's whole pipeline: plain SDS to step 1000 of 7000 -> 80 views of that NeRF
+- Text to 3D - DreamBeast parts.json: DreamBeast's whole pipeline: plain SDS to step 1000 of 7000 -> 80 views of that NeRF
   (SDS Cameras) -> SD3 Attention Capture -> Part-Affinity NeRF -> SDS from step 1000 with part modulation from
   3020 -> mesh -> Preview3D and a turntable; its thumbnail is the modulated run's progress preview (render | parts)
   on the test object.
@@ -76,7 +76,7 @@ def text_to_3d() -> None:
            "its preview updates during the run and Cancel keeps a checkpoint (compose3d/sds_<step>.safetensors "
            "in the output folder) that 'resume_from' continues. The result is exported as a textured .glb "
            "(Preview3D) and a turntable. Needs sd-v2.1-base-4view in models/checkpoints and a GPU."])
-    w.save(FOLDER, "compose3d_sds_text_to_3d.json")
+    w.save(FOLDER, "Text to 3D - SDS.json")
 
 
 def grounded_dreamer() -> None:
@@ -127,7 +127,7 @@ def grounded_dreamer() -> None:
            "Orbit Cameras that made them), then lets MVDream's SDS refine from a lower noise level (warm start, "
            "t at most 0.5) while the reference weight decays from 1000 to 100, so the composition is kept. "
            "Needs sd-v2.1-base-4view in models/checkpoints and a GPU."])
-    w.save(FOLDER, "compose3d_grounded_dreamer.json")
+    w.save(FOLDER, "Text to 3D - Grounded-Dreamer.json")
 
 
 DREAMBEAST_PROMPT = "a creature with an eagle head, a lion body and bat wings, 3d asset"
@@ -199,7 +199,7 @@ def dreambeast() -> None:
            "SDS continues from step 1000 with MVDream's attention modulated by part maps rendered at each step's "
            "cameras (cross 0.6, self 1.2, from step 3020). Its preview shows the parts next to the render. Needs "
            "sd-v2.1-base-4view and sd3_medium_incl_clips in models/checkpoints, and a GPU."])
-    w.save(FOLDER, "compose3d_dreambeast.json")
+    w.save(FOLDER, "Text to 3D - DreamBeast parts.json")
 
 
 def dreambeast_thumbnail() -> None:
@@ -218,7 +218,7 @@ def dreambeast_thumbnail() -> None:
     cameras = orbit_cameras(2, 25.0, 40.0, azimuth_span=180.0, distance=2.5)
     rows = [torch.cat([preview_render(nerf, cameras[i], 192), part_preview(field, cameras[i], 192)], dim=1)
             for i in range(2)]
-    to_pil(torch.cat(rows, dim=0)).save(FOLDER / "compose3d_dreambeast.jpg", quality=90)
+    to_pil(torch.cat(rows, dim=0)).save(FOLDER / "Text to 3D - DreamBeast parts.jpg", quality=90)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-OUT = ROOT / "example_workflows" / "compose3d_make_your_3d.jpg"
+OUT = ROOT / "example_workflows" / "Make-Your-3D - subject photo to 3D.jpg"
 STEPS = 30
 LEVELS = (150, 400, 650, 900)
 

@@ -5,9 +5,9 @@ Two "perfect" models stand in for MVDream and the 2D model: the exact denoiser o
 multi-view model, and the same object with a striped texture as the 2D model. The guider, the schedule node, the
 DDIM sampler and NeRF From Views are the pack's own, as in the workflows.
 
-- compose3d_mixed_score_4views.jpg: the Lambda Schedule node's curve, and the 4 views sampled with lambda 1
+- Mixed-score 4 views.jpg: the Lambda Schedule node's curve, and the 4 views sampled with lambda 1
   (multi-view only), with the template's schedule, and with lambda 0 (2D only).
-- compose3d_mixed_score_text_to_3d.jpg: the mixed views, and a NeRF fitted to them by NeRF From Views rendered
+- Text to 3D - mixed score without distillation.jpg: the mixed views, and a NeRF fitted to them by NeRF From Views rendered
   from 4 new directions.
 """
 from __future__ import annotations
@@ -95,12 +95,12 @@ def make_thumbnails(folder: Path) -> None:
     views = torch.cat(rows, dim=0)  # (3 size, 4 size, 3)
     plot = torch.nn.functional.interpolate(curve.permute(0, 3, 1, 2), size=(views.shape[0], int(
         curve.shape[2] * views.shape[0] / curve.shape[1])), mode="bilinear", antialias=True)[0].permute(1, 2, 0)
-    to_pil(torch.cat([plot, views], dim=1)).save(folder / "compose3d_mixed_score_4views.jpg", quality=88)
+    to_pil(torch.cat([plot, views], dim=1)).save(folder / "Mixed-score 4 views.jpg", quality=88)
 
     mixed = _sample(mv, two, vae, schedule, cameras, size)
     (nerf,) = run_node(NeRFFromViews, images=mixed, cameras=cameras, steps=600, rays_per_step=4096,
                        samples_per_ray=64, learning_rate=0.01, background="white", seed=0).result
     new = orbit_cameras(4, 25.0, 45.0, 360.0, 2.5, 40.0)
     rgb = run_node(RenderNeRF, nerf=nerf, cameras=new, width=size, height=size, samples_per_ray=0).result[0]
-    to_pil(torch.cat([_row(mixed), _row(rgb)], dim=0)).save(folder / "compose3d_mixed_score_text_to_3d.jpg",
+    to_pil(torch.cat([_row(mixed), _row(rgb)], dim=0)).save(folder / "Text to 3D - mixed score without distillation.jpg",
                                                             quality=88)

@@ -149,7 +149,7 @@ def test_every_example_workflow_validates_against_the_servers_object_info(comfy_
 
 def test_the_workflow_check_catches_a_wrong_model_file_a_bad_combo_and_a_mismatched_link(comfy_server):
     """The broken variant: the same check on a damaged copy of the refocus template names each problem."""
-    workflow = json.loads((PACK_ROOT / "example_workflows" / "compose3d_refocus_4views.json").read_text())
+    workflow = json.loads((PACK_ROOT / "example_workflows" / "MVDream 4 views with refocus.json").read_text())
     by_type = {n["type"]: n for n in workflow["nodes"]}
     by_type["Compose3D_MVDreamLoader"]["widgets_values"][0] = "sd-v2.1-base-4view.ckpt"
     by_type["BasicScheduler"]["widgets_values"][0] = "not_a_scheduler"
@@ -175,14 +175,14 @@ def runs_as_shipped(path: Path) -> bool:
 
 # Workflows that load an MVDream checkpoint run in their own server tests with a tiny checkpoint in its place.
 RUN_WITH_TINY_MODELS = {
-    "compose3d_refocus_4views": "tests/test_server_mvdream.py",
-    "compose3d_sds_text_to_3d": "tests/test_server_sds.py",
-    "compose3d_grounded_dreamer": "tests/test_server_sds.py",
-    "compose3d_part_affinity": "tests/test_server_parts.py",
-    "compose3d_dreambeast": "tests/test_server_sds.py",
-    "compose3d_mixed_score_4views": "tests/test_server_mixed.py",
-    "compose3d_mixed_score_text_to_3d": "tests/test_server_mixed.py",
-    "compose3d_make_your_3d": "tests/test_server_make_your_3d.py",
+    "MVDream 4 views with refocus": "tests/test_server_mvdream.py",
+    "Text to 3D - SDS": "tests/test_server_sds.py",
+    "Text to 3D - Grounded-Dreamer": "tests/test_server_sds.py",
+    "Part maps - SD3 capture and Part-Affinity NeRF": "tests/test_server_parts.py",
+    "Text to 3D - DreamBeast parts": "tests/test_server_sds.py",
+    "Mixed-score 4 views": "tests/test_server_mixed.py",
+    "Text to 3D - mixed score without distillation": "tests/test_server_mixed.py",
+    "Make-Your-3D - subject photo to 3D": "tests/test_server_make_your_3d.py",
 }
 
 
@@ -193,7 +193,7 @@ def test_workflows_that_need_model_files_run_in_their_own_server_tests():
 
 
 #: Test sizes for the long nodes of templates that run as shipped: the test checks that the template's graph runs
-#: over HTTP; the full-size run is the README's main job (scripts/demo.sh runs compose3d_reconstruct_toy as shipped,
+#: over HTTP; the full-size run is the README's main job (scripts/demo.sh runs Reconstruction demo as shipped,
 #: about 4 minutes here) and the reconstruction's quality is test_reconstruction.py's.
 TEST_SIZES = {"Compose3D_NeRFFromViews": {"steps": 60},
               "Compose3D_ExportMesh": {"resolution": 64, "threshold": 1.0, "texture_size": 256},

@@ -20,7 +20,7 @@ from test_server_sds import FAST_SDS, by_type, shrink_mesh_and_turntable
 
 pytestmark = pytest.mark.server
 
-TEMPLATE = PACK_ROOT / "example_workflows" / "compose3d_make_your_3d.json"
+TEMPLATE = PACK_ROOT / "example_workflows" / "Make-Your-3D - subject photo to 3D.json"
 
 
 def subject_photo(server) -> None:

@@ -40,7 +40,7 @@ def tiny_template(server, tiny_models, name: str) -> tuple[dict, dict]:
 
 
 def test_mixed_score_4views_workflow_samples_and_scores_the_views(comfy_server, tiny_models):
-    prompt, nodes = tiny_template(comfy_server, tiny_models, "compose3d_mixed_score_4views.json")
+    prompt, nodes = tiny_template(comfy_server, tiny_models, "Mixed-score 4 views.json")
     (guider,) = nodes["Compose3D_MixedScoreGuider"]
     assert prompt[nodes["SamplerCustomAdvanced"][0]]["inputs"]["guider"] == [guider, 0]
     (sampler,) = nodes["KSamplerSelect"]
@@ -67,7 +67,7 @@ def test_mixed_score_4views_workflow_samples_and_scores_the_views(comfy_server, 
 def test_mixed_score_text_to_3d_workflow_writes_a_mesh(comfy_server, tiny_models):
     import trimesh
 
-    prompt, nodes = tiny_template(comfy_server, tiny_models, "compose3d_mixed_score_text_to_3d.json")
+    prompt, nodes = tiny_template(comfy_server, tiny_models, "Text to 3D - mixed score without distillation.json")
     (sampler,) = nodes["Compose3D_MixedScoreSampler"]
     assert prompt[sampler]["inputs"]["steps"] == 50
     prompt[sampler]["inputs"]["steps"] = 3
@@ -86,7 +86,7 @@ def test_mixed_score_text_to_3d_workflow_writes_a_mesh(comfy_server, tiny_models
 
 
 def test_cancel_stops_mixed_sampling_promptly_and_the_server_keeps_serving(comfy_server, tiny_models):
-    prompt, nodes = tiny_template(comfy_server, tiny_models, "compose3d_mixed_score_text_to_3d.json")
+    prompt, nodes = tiny_template(comfy_server, tiny_models, "Text to 3D - mixed score without distillation.json")
     (sampler,) = nodes["Compose3D_MixedScoreSampler"]
     prompt[sampler]["inputs"]["steps"] = 200  # a long run: far more than finishes before the Cancel
     (latent,) = nodes["EmptyLatentImage"]

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.server
 
 PROMPT = "a corgi wearing a red hat sitting next to a blue teapot, 3d asset"
 NEGATIVE = "ugly, blurry"
-EXAMPLE = PACK_ROOT / "example_workflows" / "compose3d_refocus_4views.json"
+EXAMPLE = PACK_ROOT / "example_workflows" / "MVDream 4 views with refocus.json"
 
 
 def mvdream_conditionings(g: GraphBuilder, checkpoint: str, views: int = 4):

@@ -21,7 +21,7 @@ from compose3d.nodes.common import LEGEND_KEY
 
 pytestmark = pytest.mark.server
 
-TEMPLATE = PACK_ROOT / "example_workflows" / "compose3d_part_affinity.json"
+TEMPLATE = PACK_ROOT / "example_workflows" / "Part maps - SD3 capture and Part-Affinity NeRF.json"
 #: The template's long nodes at test sizes (the browser test runs it at these too).
 TEST_SIZES = {"Compose3D_SD3AttentionCapture": {"blocks": "1", "resolution": 64, "map_size": 16, "steps": 12},
               "Compose3D_TestObjectViews": {"width": 32, "height": 32},

@@ -69,7 +69,7 @@ def check_outputs(server, result, prefix: str) -> None:
 
 
 def test_text_to_3d_workflow_runs_and_writes_a_mesh(comfy_server, tiny_models):
-    workflow = json.loads((TEMPLATES / "compose3d_sds_text_to_3d.json").read_text())
+    workflow = json.loads((TEMPLATES / "Text to 3D - SDS.json").read_text())
     prompt = ui_to_api(workflow, comfy_server.get_json("/object_info"))
     nodes = shrink_common(prompt, tiny_models, "c3d_sds_t23d")
     (sds,) = nodes["Compose3D_SDSOptimizer"]
@@ -82,7 +82,7 @@ def test_text_to_3d_workflow_runs_and_writes_a_mesh(comfy_server, tiny_models):
 
 
 def test_grounded_dreamer_workflow_fits_the_refocused_views_then_distils(comfy_server, tiny_models):
-    workflow = json.loads((TEMPLATES / "compose3d_grounded_dreamer.json").read_text())
+    workflow = json.loads((TEMPLATES / "Text to 3D - Grounded-Dreamer.json").read_text())
     prompt = ui_to_api(workflow, comfy_server.get_json("/object_info"))
     nodes = shrink_common(prompt, tiny_models, "c3d_sds_gd")
     (sds,) = nodes["Compose3D_SDSOptimizer"]
@@ -109,7 +109,7 @@ TOY_PROMPT = "a toy with a head, a left side, a right side and a base, 3d asset"
 
 
 def test_dreambeast_workflow_runs_end_to_end_on_the_tiny_sd3_and_mvdream(comfy_server, tiny_models):
-    workflow = json.loads((TEMPLATES / "compose3d_dreambeast.json").read_text())
+    workflow = json.loads((TEMPLATES / "Text to 3D - DreamBeast parts.json").read_text())
     prompt = ui_to_api(workflow, comfy_server.get_json("/object_info"))
     nodes = by_type(prompt)
     (loader,) = nodes["Compose3D_MVDreamLoader"]
