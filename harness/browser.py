@@ -157,6 +157,49 @@ class Frontend:
             window.__c3dWatch = setInterval(() => { for (const id of Object.keys(window.app.nodePreviewImages || {}))
                 window.__c3dPreviews.add(id); }, 50); }""")
 
+    def watch_execution(self) -> None:
+        """Start listening for the end of the next prompt (the server's execution_success / _error /
+        _interrupted messages, as the frontend receives them)."""
+        self.page.evaluate("""() => { window.__c3dEnd = null;
+            if (window.__c3dEndListening) return;
+            window.__c3dEndListening = true;
+            const api = window.app.api;
+            api.addEventListener('execution_success', () => { window.__c3dEnd = {status: 'success'}; });
+            api.addEventListener('execution_interrupted', () => { window.__c3dEnd = {status: 'interrupted'}; });
+            api.addEventListener('execution_error', e => { window.__c3dEnd = {status: 'error',
+                node: e.detail?.node_type, message: e.detail?.exception_message}; });
+        }""")
+
+    def wait_for_execution(self, timeout: float = 300.0) -> dict:
+        """How the prompt queued since :meth:`watch_execution` ended: ``{"status": "success"}``, or the error's
+        node type and message."""
+        return self.page.wait_for_function("() => window.__c3dEnd", timeout=timeout * 1000).json_value()
+
+    def wait_for_results(self, node_types: list[str], timeout: float = 60.0) -> dict[str, list]:
+        """Wait until every node of ``node_types`` in the open graph has its result to show (its images in the
+        frontend's output store, which a node draws from once it is on screen, or a model file in Preview3D) and
+        return, per node type, what each node shows: image counts or model file names.
+        On a timeout, raises AssertionError naming what each node shows."""
+        state = """types => {
+            const shown = {};
+            for (const node of window.app.graph._nodes.filter(n => types.includes(n.type))) {
+                const value = node.type === 'Preview3D'
+                    ? node.widgets.find(w => w.name === 'model_file')?.value || null
+                    : window.app.nodeOutputs?.[String(node.id)]?.images?.length || node.imgs?.length || null;
+                (shown[node.type] ??= []).push(value ?? `nothing on node ${node.id} (${node.title})`);
+            }
+            return shown;
+        }"""
+        try:
+            return self.page.wait_for_function(
+                f"types => {{ const shown = ({state})(types); "
+                f"return Object.values(shown).flat().some(v => String(v).startsWith('nothing')) ? null : shown; }}",
+                arg=node_types, timeout=timeout * 1000).json_value()
+        except Exception as error:  # playwright's TimeoutError
+            if "Timeout" not in type(error).__name__:
+                raise
+            raise AssertionError(f"not every result showed: {self.page.evaluate(state, node_types)}") from None
+
     def previews_seen(self) -> list[str]:
         """Ids of the nodes that showed a live preview since :meth:`watch_previews` (as strings)."""
         return self.page.evaluate("() => [...(window.__c3dPreviews || [])]")

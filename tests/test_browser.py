@@ -17,7 +17,9 @@ import pytest
 from harness.browser import CHROMIUM_ARGS, Frontend, chromium_path
 from harness.paths import PACK_ROOT
 from test_server import TEST_SIZES
+from test_server_make_your_3d import subject_photo
 from test_server_parts import TEST_SIZES as PART_TEST_SIZES
+from tiny_runs import TINY_RUNS
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
@@ -94,7 +96,7 @@ def test_every_example_workflow_opens_from_the_template_browser(frontend, path):
 
 def test_running_the_camera_rig_shows_the_rig_picture_and_its_json_on_the_preview_node(frontend):
     """Queued from the Run button: Preview Cameras shows its drawing and, in its text box, the rig as JSON."""
-    path = PACK_ROOT / "example_workflows" / "compose3d_camera_rig.json"
+    path = PACK_ROOT / "example_workflows" / "Camera rig.json"
     workflow = json.loads(path.read_text())
     mark = frontend.report.mark()
     frontend.load_template(MODULE, path.stem, expected_nodes=len(workflow["nodes"]))
@@ -115,7 +117,7 @@ def test_running_the_camera_rig_shows_the_rig_picture_and_its_json_on_the_previe
 def test_the_demo_runs_from_the_run_button_with_a_live_preview_and_its_mesh_in_preview3d(frontend):
     """The README's main job as a user runs it (at the server tests' sizes): the reconstruction shows its progress
     preview while it trains, then the input views, the turntable and the exported mesh appear."""
-    path = PACK_ROOT / "example_workflows" / "compose3d_reconstruct_toy.json"
+    path = PACK_ROOT / "example_workflows" / "Reconstruction demo.json"
     workflow = json.loads(path.read_text())
     mark = frontend.report.mark()
     frontend.load_template(MODULE, path.stem, expected_nodes=len(workflow["nodes"]))
@@ -168,6 +170,42 @@ def test_the_frontends_own_vue_i18n_shows_our_locale_strings_verbatim(frontend, 
     assert "|" in tooltip  # a vue-i18n plural separator, shown as text because it is escaped
 
 
+#: Core nodes that show a run's results, and what the template's run must have made them show.
+RESULT_NODES = ["PreviewImage", "SaveImage", "SaveAnimatedWEBP", "Preview3D"]
+
+
+@pytest.mark.parametrize("stem", sorted(TINY_RUNS))
+def test_a_template_that_needs_models_runs_from_the_run_button_on_the_tiny_models(frontend, comfy_server, stem):
+    """As a user with the models would: open the template, make it small (tests/tiny_runs.py: steps and sizes
+    only; the loaders keep the template's file names, under which the server lists the tiny models), press Run.
+    The run succeeds, the long node shows its live preview while it runs, and every preview/save node shows
+    its images (Preview3D its mesh)."""
+    sizes, live = TINY_RUNS[stem]
+    workflow = json.loads((PACK_ROOT / "example_workflows" / f"{stem}.json").read_text())
+    subject_photo(comfy_server)  # Make-Your-3D's subject.png, in the server's input folder
+    mark = frontend.report.mark()
+    frontend.load_template(MODULE, stem, expected_nodes=len(workflow["nodes"]))
+    for node_type, values in sizes.items():
+        frontend.set_widgets(node_type, values)
+    frontend.watch_previews()
+    frontend.watch_execution()
+    frontend.run()
+    end = frontend.wait_for_execution(timeout=300)
+    assert end == {"status": "success"}, end
+    wanted = sorted({n["type"] for n in workflow["nodes"]} & set(RESULT_NODES))
+    shown = frontend.wait_for_results(wanted)
+    frontend.screenshot(ARTIFACTS / f"{stem}_run.png")
+    assert sorted(shown) == wanted, shown
+    assert all(name.endswith(".glb") for name in shown.get("Preview3D", [])), shown
+    seen = set(frontend.previews_seen())
+    missing = [n["type"] for n in frontend.graph_nodes() if n["type"] in live and str(n["id"]) not in seen]
+    assert not missing, f"no live preview on {missing}"
+    frontend.close_dialogs()
+    errors = frontend.report.since(mark)
+    assert not errors.mentioning(PACK_PATTERN) and not errors.exceptions, (errors.mentioning(PACK_PATTERN),
+                                                                           errors.exceptions)
+
+
 def hex_rgb(color: str) -> tuple[int, int, int]:
     return tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))
 
@@ -176,7 +214,7 @@ def test_the_part_affinity_template_runs_on_the_tiny_sd3_with_labelled_part_prev
     """From the Run button, with the tiny SD3 listed under the template's file name: SD3 Attention Capture shows
     its heat maps on itself and Render Part Maps its coloured parts, each with the extension's legend drawn
     above them, read back from the canvas pixels (a chip's pixel is its part's colour)."""
-    path = PACK_ROOT / "example_workflows" / "compose3d_part_affinity.json"
+    path = PACK_ROOT / "example_workflows" / "Part maps - SD3 capture and Part-Affinity NeRF.json"
     workflow = json.loads(path.read_text())
     mark = frontend.report.mark()
     frontend.load_template(MODULE, path.stem, expected_nodes=len(workflow["nodes"]))
