@@ -64,6 +64,7 @@ class Frontend:
     def __init__(self, browser, url: str):
         self.url = url
         self.report = PageReport()
+        self.served: list[str] = []  # "status url" of every response from the server's own origin
         self.page = browser.new_page(viewport=VIEWPORT)
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda error: self.report.exceptions.append(f"{error}\n{error.stack or ''}"))
@@ -76,6 +77,8 @@ class Frontend:
             (self.report.offsite if offsite else self.report.console_errors).append(f"{message.text} @ {where}")
 
     def _response(self, response) -> None:
+        if response.url.startswith(self.url):
+            self.served.append(f"{response.status} {response.url}")
         if response.status >= 400 and response.url.startswith(self.url):
             self.report.failed_requests.append(f"{response.status} {response.url}")
 
@@ -140,16 +143,19 @@ class Frontend:
             });
         }""", node_types)
 
-    def set_widgets(self, node_type: str, values: dict) -> None:
-        """Set widget values on every ``node_type`` node of the open graph, as typing them in would."""
-        self.page.evaluate("""([type, values]) => {
-            for (const node of window.app.graph._nodes.filter(n => n.type === type))
+    def set_widgets(self, node_type: str, values: dict, title: str | None = None) -> None:
+        """Set widget values on every ``node_type`` node of the open graph (only the one titled ``title`` if
+        given), as typing them in would."""
+        self.page.evaluate("""([type, values, title]) => {
+            const nodes = window.app.graph._nodes.filter(n => n.type === type && (title === null || n.title === title));
+            if (!nodes.length) throw new Error(`no ${type} node titled ${title}`);
+            for (const node of nodes)
                 for (const [name, value] of Object.entries(values)) {
                     const widget = node.widgets.find(w => w.name === name);
                     widget.value = value;
                     widget.callback?.(value);
                 }
-        }""", [node_type, values])
+        }""", [node_type, values, title])
 
     def watch_previews(self) -> None:
         """Start noting which nodes get a live preview (``app.nodePreviewImages``) while a prompt runs."""
@@ -224,6 +230,36 @@ class Frontend:
                 return {name: c.name, color: c.color, pixel: [r, g, b], layout: widget.value.layout};
             });
         }""", node_type)
+
+    def wait_until(self, check, timeout: float = 60.0, poll_ms: int = 250):
+        """Poll ``check()`` (Python) until it returns something truthy, letting the page's events reach Python
+        meanwhile (Playwright's sync API delivers them only while one of its calls runs); returns that value,
+        or the last falsy one on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value or time.monotonic() > deadline:
+                return value
+            self.page.wait_for_timeout(poll_ms)
+
+    def node_screenshot(self, node_type: str, path: Path) -> Path:
+        """A screenshot of the first ``node_type`` node alone, centred at scale 1 (its DOM widgets included)."""
+        box = self.page.evaluate("""async type => {
+            const canvas = window.app.canvas, node = window.app.graph._nodes.find(n => n.type === type);
+            canvas.ds.scale = 1;
+            canvas.centerOnNode(node);
+            canvas.setDirty(true, true);
+            await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+            const rect = canvas.canvas.getBoundingClientRect(), ds = canvas.ds;
+            const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+            return {x: (node.pos[0] + ds.offset[0]) * ds.scale + rect.left,
+                    y: (node.pos[1] - title + ds.offset[1]) * ds.scale + rect.top,
+                    width: node.size[0] * ds.scale, height: (node.size[1] + title) * ds.scale};
+        }""", node_type)
+        self.page.wait_for_timeout(1000)  # a WebGL view draws its next frame
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(path), clip=box)
+        return path
 
     def graph_corner(self) -> tuple[float, float]:
         """Screen position (page pixels) of the open graph's top-left corner, node title bars included."""

@@ -5,6 +5,7 @@ import io
 import json
 import re
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -129,7 +130,7 @@ def test_example_workflows_are_served_as_templates_with_thumbnails(comfy_server)
     templates = comfy_server.get_json("/api/workflow_templates")
     assert sorted(templates["compose3d"]) == sorted(p.stem for p in example_workflows())
     for path in example_workflows():
-        served = comfy_server.get_json(f"/api/workflow_templates/compose3d/{path.name}")
+        served = comfy_server.get_json(f"/api/workflow_templates/compose3d/{quote(path.name)}")  # spaces: %20
         assert served == json.loads(path.read_text())
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
 

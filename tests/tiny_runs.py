@@ -2,12 +2,14 @@
 
 The server lists the tiny models under the file names the templates' loaders use
 (:meth:`harness.tiny_models.TinyModels.link_standard_names`), so only sizes change: step counts, resolutions, ray
-counts, and where files go. Values apply to every node of the type (e.g. both camera rings of a template get 4 views).
+counts, and where files go. Values apply to every node of the type (e.g. both camera rings of a template get 4 views); a key "type|title"
+applies to the node of that title only (after the type's own values).
 The server tests check each template's outputs in detail with their own, finer settings; the browser test runs
 these from the Run button (tests/test_browser.py).
 """
 from __future__ import annotations
 
+from test_server_parts import TEST_SIZES as PART_SIZES
 from test_server_sds import FAST_SDS
 
 
@@ -50,6 +52,17 @@ TINY_RUNS: dict[str, tuple[dict[str, dict], list[str]]] = {
          # random-weight views train a diffuse cloud (density about 1.8 to 2.4 after 30 steps): cut it in the middle
          **mesh_and_turntable("c3d_browser/mixed3d", threshold=2.1)},
         ["Compose3D_NeRFFromViews"]),
+    "Text to 3D - DreamBeast parts": (
+        {**mesh_and_turntable("c3d_browser/dreambeast"),
+         # 8 steps: plain SDS to step 2, then modulated (from step round(0.4314 * 8) = 3) to the end
+         **sds("c3d_browser/dreambeast", steps=8, checkpoint_every=0),
+         "Compose3D_SDSOptimizer|SDS: plain, steps 0-1000 of 7000": {"end_at_step": 2},
+         "Compose3D_SDSOptimizer|SDS: part-modulated, steps 1000-7000": {"start_at_step": 2},
+         "Compose3D_SDSCameras": {"groups": 2},
+         "Compose3D_RenderNeRF": {"width": 32, "height": 32, "samples_per_ray": 16},
+         "Compose3D_SD3AttentionCapture": PART_SIZES["Compose3D_SD3AttentionCapture"],
+         "Compose3D_PartAffinityNeRF": PART_SIZES["Compose3D_PartAffinityNeRF"]},
+        ["Compose3D_SDSOptimizer", "Compose3D_SD3AttentionCapture"]),
     "Make-Your-3D - subject photo to 3D": (
         {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2},
          "Compose3D_IdentityTuner": {"steps": 2, "batch_size": 2, "augmentations": 1,
