@@ -60,6 +60,20 @@ def pack_node_types(comfy_server) -> list[str]:
     return sorted(name for name, node in info.items() if node.get("python_module", "").endswith(MODULE))
 
 
+def open_template(frontend, stem: str, sizes: dict[str, dict] | None = None):
+    """Open example workflow ``stem`` from the template browser and set ``sizes`` ({node type or "type|title":
+    {widget: value}}), then start watching live previews and the end of the next run; returns the report mark."""
+    workflow = json.loads((PACK_ROOT / "example_workflows" / f"{stem}.json").read_text())
+    mark = frontend.report.mark()
+    frontend.load_template(MODULE, stem, expected_nodes=len(workflow["nodes"]))
+    for key, values in (sizes or {}).items():
+        node_type, _, title = key.partition("|")
+        frontend.set_widgets(node_type, values, title or None)
+    frontend.watch_previews()
+    frontend.watch_execution()
+    return mark
+
+
 def test_the_frontend_loads_the_pack_extension_and_every_node_without_errors(frontend, comfy_server):
     assert "Compose3D.core" in frontend.extension_names()
     types = pack_node_types(comfy_server)
@@ -99,15 +113,12 @@ def test_every_example_workflow_opens_from_the_template_browser(frontend, path):
 
 def test_running_the_camera_rig_shows_the_rig_picture_and_its_json_on_the_preview_node(frontend):
     """Queued from the Run button: Preview Cameras shows its drawing and, in its text box, the rig as JSON."""
-    path = PACK_ROOT / "example_workflows" / "Camera rig.json"
-    workflow = json.loads(path.read_text())
-    mark = frontend.report.mark()
-    frontend.load_template(MODULE, path.stem, expected_nodes=len(workflow["nodes"]))
+    mark = open_template(frontend, "Camera rig")
     frontend.run()
     text = frontend.wait_for_node("Compose3D_PreviewCameras", "node.widgets?.find(w => w.name === "
                                   "'compose3d_report')?.value")
     images = frontend.wait_for_node("Compose3D_PreviewCameras", "node.imgs?.length")
-    frontend.screenshot(ARTIFACTS / "compose3d_camera_rig_run.png")
+    frontend.screenshot(ARTIFACTS / "Camera rig_run.png")
     rig = json.loads(text)
     assert rig["views"] == 4 and rig["elevation_deg"] == [15.0] * 4 and len(rig["c2w"]) == 4
     assert images == 1
@@ -117,21 +128,23 @@ def test_running_the_camera_rig_shows_the_rig_picture_and_its_json_on_the_previe
     assert not frontend.report.since(mark).mentioning(PACK_PATTERN)
 
 
+def toy_colour_pixels(path: Path) -> int:
+    """How many pixels of a screenshot have the toy's yellow (its head): a textured mesh shows it, a grey or
+    untextured one does not."""
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int(((r - b > 70) & (g - b > 50)).sum())
+
+
 def test_the_demo_runs_from_the_run_button_with_a_live_preview_and_its_mesh_in_preview3d(frontend):
     """The README's main job as a user runs it (at the server tests' sizes): the reconstruction shows its progress
     preview while it trains, then the input views, the turntable and the exported mesh appear."""
-    path = PACK_ROOT / "example_workflows" / "Reconstruction demo.json"
-    workflow = json.loads(path.read_text())
-    mark = frontend.report.mark()
-    frontend.load_template(MODULE, path.stem, expected_nodes=len(workflow["nodes"]))
-    for node_type, values in TEST_SIZES.items():
-        frontend.set_widgets(node_type, values)
-    frontend.watch_previews()
+    mark = open_template(frontend, "Reconstruction demo", TEST_SIZES)
     frontend.run()
     assert frontend.wait_for_node("SaveAnimatedWEBP", "node.imgs?.length", timeout=300) == 1
     assert frontend.wait_for_node("PreviewImage", "node.imgs?.length") == 20  # the input views: 8 + 8 + 4 cameras
     mesh = frontend.wait_for_node("Preview3D", "node.widgets.find(w => w.name === 'model_file')?.value")
-    frontend.screenshot(ARTIFACTS / "compose3d_reconstruct_toy_run.png")
+    frontend.screenshot(ARTIFACTS / "Reconstruction demo_run.png")
     assert mesh.startswith("Compose3D/demo_toy") and mesh.endswith(".glb"), mesh
     shot = frontend.wait_until(lambda: (lambda p: toy_colour_pixels(p) > 200 and p)(
         frontend.node_screenshot("Preview3D", ARTIFACTS / "Reconstruction demo_preview3d.png")), timeout=30)
@@ -176,61 +189,12 @@ def test_the_frontends_own_vue_i18n_shows_our_locale_strings_verbatim(frontend, 
     assert "|" in tooltip  # a vue-i18n plural separator, shown as text because it is escaped
 
 
-#: Core nodes that show a run's results, and what the template's run must have made them show.
-RESULT_NODES = ["PreviewImage", "SaveImage", "SaveAnimatedWEBP", "Preview3D"]
-
-
-@pytest.mark.parametrize("stem", sorted(TINY_RUNS))
-def test_a_template_that_needs_models_runs_from_the_run_button_on_the_tiny_models(frontend, comfy_server, stem):
-    """As a user with the models would: open the template, make it small (tests/tiny_runs.py: steps and sizes
-    only; the loaders keep the template's file names, under which the server lists the tiny models), press Run.
-    The run succeeds, the long node shows its live preview while it runs, and every preview/save node shows
-    its images (Preview3D its mesh)."""
-    sizes, live = TINY_RUNS[stem]
-    workflow = json.loads((PACK_ROOT / "example_workflows" / f"{stem}.json").read_text())
-    subject_photo(comfy_server)  # Make-Your-3D's subject.png, in the server's input folder
-    mark = frontend.report.mark()
-    frontend.load_template(MODULE, stem, expected_nodes=len(workflow["nodes"]))
-    for key, values in sizes.items():
-        node_type, _, title = key.partition("|")
-        frontend.set_widgets(node_type, values, title or None)
-    frontend.watch_previews()
-    frontend.watch_execution()
-    frontend.run()
-    end = frontend.wait_for_execution(timeout=300)
-    assert end == {"status": "success"}, end
-    wanted = sorted({n["type"] for n in workflow["nodes"]} & set(RESULT_NODES))
-    shown = frontend.wait_for_results(wanted)
-    frontend.screenshot(ARTIFACTS / f"{stem}_run.png")
-    assert sorted(shown) == wanted, shown
-    assert all(name.endswith(".glb") for name in shown.get("Preview3D", [])), shown
-    seen = set(frontend.previews_seen())
-    missing = [n["type"] for n in frontend.graph_nodes() if n["type"] in live and str(n["id"]) not in seen]
-    assert not missing, f"no live preview on {missing}"
-    frontend.close_dialogs()
-    errors = frontend.report.since(mark)
-    assert not errors.mentioning(PACK_PATTERN) and not errors.exceptions, (errors.mentioning(PACK_PATTERN),
-                                                                           errors.exceptions)
-
-
-def toy_colour_pixels(path: Path) -> int:
-    """How many pixels of a screenshot have the toy's yellow (its head): a textured mesh shows it, a grey or
-    untextured one does not."""
-    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    return int(((r - b > 70) & (g - b > 50)).sum())
-
-
 def test_a_textured_obj_from_export_mesh_shows_textured_in_preview3d(frontend):
-    """The hand-off to core Preview3D for .obj: the demo exports .obj (+ .mtl + .png) instead of .glb; the
+    """Runs after the demo test, at the same sizes: ComfyUI reuses the demo run's NeRF and only the export and
+    the viewer run again. The hand-off to core Preview3D for .obj: the demo exports .obj (+ .mtl + .png) instead of .glb; the
     viewer fetches all three (the material names the texture next to it) and shows the toy in its colours."""
-    path = PACK_ROOT / "example_workflows" / "Reconstruction demo.json"
-    workflow = json.loads(path.read_text())
-    mark = frontend.report.mark()
-    frontend.load_template(MODULE, path.stem, expected_nodes=len(workflow["nodes"]))
-    for node_type, values in {**TEST_SIZES, "Compose3D_ExportMesh": {**TEST_SIZES["Compose3D_ExportMesh"],
-                                                                      "format": "obj"}}.items():
-        frontend.set_widgets(node_type, values)
+    mark = open_template(frontend, "Reconstruction demo", {
+        **TEST_SIZES, "Compose3D_ExportMesh": {**TEST_SIZES["Compose3D_ExportMesh"], "format": "obj"}})
     served = len(frontend.served)
     frontend.run()
     mesh = frontend.wait_for_node("Preview3D", "(v => v?.endsWith('.obj') && v)(node.widgets.find("
@@ -259,6 +223,37 @@ def test_a_textured_obj_from_export_mesh_shows_textured_in_preview3d(frontend):
     # (the viewer asks for a .mtl next to any .obj: for this one, which has none, the page logs a 404)
 
 
+#: Core nodes that show a run's results, and what the template's run must have made them show.
+RESULT_NODES = ["PreviewImage", "SaveImage", "SaveAnimatedWEBP", "Preview3D"]
+
+
+@pytest.mark.parametrize("stem", sorted(TINY_RUNS))
+def test_a_template_that_needs_models_runs_from_the_run_button_on_the_tiny_models(frontend, comfy_server, stem):
+    """As a user with the models would: open the template, make it small (tests/tiny_runs.py: steps and sizes
+    only; the loaders keep the template's file names, under which the server lists the tiny models), press Run.
+    The run succeeds, the long node shows its live preview while it runs, and every preview/save node shows
+    its images (Preview3D its mesh)."""
+    sizes, live = TINY_RUNS[stem]
+    workflow = json.loads((PACK_ROOT / "example_workflows" / f"{stem}.json").read_text())
+    subject_photo(comfy_server)  # Make-Your-3D's subject.png, in the server's input folder
+    mark = open_template(frontend, stem, sizes)
+    frontend.run()
+    end = frontend.wait_for_execution(timeout=300)
+    assert end == {"status": "success"}, end
+    wanted = sorted({n["type"] for n in workflow["nodes"]} & set(RESULT_NODES))
+    shown = frontend.wait_for_results(wanted)
+    frontend.screenshot(ARTIFACTS / f"{stem}_run.png")
+    assert sorted(shown) == wanted, shown
+    assert all(name.endswith(".glb") for name in shown.get("Preview3D", [])), shown
+    seen = set(frontend.previews_seen())
+    missing = [n["type"] for n in frontend.graph_nodes() if n["type"] in live and str(n["id"]) not in seen]
+    assert not missing, f"no live preview on {missing}"
+    frontend.close_dialogs()
+    errors = frontend.report.since(mark)
+    assert not errors.mentioning(PACK_PATTERN) and not errors.exceptions, (errors.mentioning(PACK_PATTERN),
+                                                                           errors.exceptions)
+
+
 def hex_rgb(color: str) -> tuple[int, int, int]:
     return tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))
 
@@ -267,13 +262,7 @@ def test_the_part_affinity_template_runs_on_the_tiny_sd3_with_labelled_part_prev
     """From the Run button, with the tiny SD3 listed under the template's file name: SD3 Attention Capture shows
     its heat maps on itself and Render Part Maps its coloured parts, each with the extension's legend drawn
     above them, read back from the canvas pixels (a chip's pixel is its part's colour)."""
-    path = PACK_ROOT / "example_workflows" / "Part maps - SD3 capture and Part-Affinity NeRF.json"
-    workflow = json.loads(path.read_text())
-    mark = frontend.report.mark()
-    frontend.load_template(MODULE, path.stem, expected_nodes=len(workflow["nodes"]))
-    for node_type, values in PART_TEST_SIZES.items():
-        frontend.set_widgets(node_type, values)
-    frontend.watch_previews()
+    mark = open_template(frontend, "Part maps - SD3 capture and Part-Affinity NeRF", PART_TEST_SIZES)
     frontend.run()
     # the run's images replace the live preview: one per view (8 captured, 4 rendered)
     shown = "node.widgets?.some(w => w.name === 'compose3d_legend') && node.imgs?.length === {0} && {0}"
@@ -281,7 +270,7 @@ def test_the_part_affinity_template_runs_on_the_tiny_sd3_with_labelled_part_prev
     assert frontend.wait_for_node("Compose3D_SD3AttentionCapture", shown.format(8)) == 8
     for node_type, layout in (("Compose3D_SD3AttentionCapture", "columns"), ("Compose3D_RenderPartMaps", "colors")):
         chips = frontend.legend_pixels(node_type)
-        frontend.screenshot(ARTIFACTS / f"compose3d_part_affinity_run_{node_type.split('_')[1]}.png")
+        frontend.screenshot(ARTIFACTS / f"Part maps_run_{node_type.split('_')[1]}.png")
         assert [c["name"] for c in chips] == ["head", "body", "base"], (node_type, chips)
         assert all(c["layout"] == layout for c in chips)
         off = [c for c in chips if max(abs(a - b) for a, b in zip(c["pixel"], hex_rgb(c["color"]))) > 3]
