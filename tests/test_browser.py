@@ -146,9 +146,10 @@ def test_the_demo_runs_from_the_run_button_with_a_live_preview_and_its_mesh_in_p
     mesh = frontend.wait_for_node("Preview3D", "node.widgets.find(w => w.name === 'model_file')?.value")
     frontend.screenshot(ARTIFACTS / "Reconstruction demo_run.png")
     assert mesh.startswith("Compose3D/demo_toy") and mesh.endswith(".glb"), mesh
-    shot = frontend.wait_until(lambda: (lambda p: toy_colour_pixels(p) > 200 and p)(
-        frontend.node_screenshot("Preview3D", ARTIFACTS / "Reconstruction demo_preview3d.png")), timeout=30)
-    assert shot, "Preview3D does not show the .glb in the toy's colours"
+    shot = ARTIFACTS / "Reconstruction demo_preview3d.png"
+    coloured = frontend.wait_until(lambda: toy_colour_pixels(frontend.node_screenshot("Preview3D", shot)) > 200,
+                                   timeout=30)
+    assert coloured, f"Preview3D does not show the .glb in the toy's colours ({toy_colour_pixels(shot)} pixels)"
     nerf = next(n["id"] for n in frontend.graph_nodes() if n["type"] == "Compose3D_NeRFFromViews")
     assert str(nerf) in frontend.previews_seen()
     errors = frontend.report.since(mark)
@@ -207,8 +208,10 @@ def test_a_textured_obj_from_export_mesh_shows_textured_in_preview3d(frontend):
         return [w for w in wanted if not any(w in e for e in fetched)]
 
     assert frontend.wait_until(lambda: not missing()), (missing(), frontend.served[served:])
-    shot = frontend.node_screenshot("Preview3D", ARTIFACTS / "Reconstruction demo_obj_preview3d.png")
-    assert toy_colour_pixels(shot) > 200, "the .obj shows without its texture"
+    shot = ARTIFACTS / "Reconstruction demo_obj_preview3d.png"  # the texture shows once the viewer has loaded it
+    coloured = frontend.wait_until(lambda: toy_colour_pixels(frontend.node_screenshot("Preview3D", shot)) > 200,
+                                   timeout=30)
+    assert coloured, f"the .obj shows without its texture ({toy_colour_pixels(shot)} toy-coloured pixels)"
     errors = frontend.report.since(mark)
     assert not errors.mentioning(PACK_PATTERN) and not errors.failed_requests, (errors.mentioning(PACK_PATTERN),
                                                                                 errors.failed_requests)
@@ -217,9 +220,10 @@ def test_a_textured_obj_from_export_mesh_shows_textured_in_preview3d(frontend):
     frontend.run()
     frontend.wait_for_node("Preview3D", f"(v => v?.endsWith('.obj') && v !== {json.dumps(mesh)} && v)("
                            "node.widgets.find(w => w.name === 'model_file')?.value)", timeout=120)
-    frontend.page.wait_for_timeout(3000)  # the viewer loads the new file
-    plain = frontend.node_screenshot("Preview3D", ARTIFACTS / "Reconstruction demo_obj_uncoloured.png")
-    assert toy_colour_pixels(plain) < 20, toy_colour_pixels(plain)
+    plain = ARTIFACTS / "Reconstruction demo_obj_uncoloured.png"  # once the viewer has swapped the file
+    grey = frontend.wait_until(lambda: toy_colour_pixels(frontend.node_screenshot("Preview3D", plain)) < 20,
+                               timeout=30)
+    assert grey, toy_colour_pixels(plain)
     # (the viewer asks for a .mtl next to any .obj: for this one, which has none, the page logs a 404)
 
 
